@@ -1,0 +1,407 @@
+"""Agglomerative clustering of tokens on cosine distance, exact and batched.
+
+Public entry point::
+
+    labels = agglomerative_clustering(metric, num_clusters, linkage="average", backend="auto")
+
+``metric`` is ``(B, T, C)``; the result is a ``LongTensor (B, T)`` on ``metric``'s device with labels in
+``[0, num_clusters)``, numbered in order of each cluster's smallest token index (token 0 has label 0, the
+next token that is not in cluster 0 starts cluster 1, ...).
+
+Distances
+    ``d(i, j) = 1 - cos(m_i, m_j)``, computed in float64 whatever the input dtype, clamped to ``[0, 2]``.
+    A zero-norm token has cosine similarity 0 with every token, so its distance to any other token is 1.
+
+Algorithm
+    Every backend computes the classical agglomerative (Lance-Williams) hierarchy and cuts it at
+    ``num_clusters``: the first ``T - num_clusters`` merges of the hierarchy, in order of merge height, are
+    applied. This is exactly what ``sklearn.cluster.AgglomerativeClustering(n_clusters=K,
+    metric="precomputed", linkage=L)`` returns (the published ATC code's reference), up to label order.
+
+Tie-breaking (``torch`` and ``numba`` backends)
+    Every cluster is represented by its smallest token index. At every step the pair of clusters at the
+    smallest distance merges; among pairs at exactly equal distance the pair ``(i, j), i < j`` of
+    representatives that is smallest in lexicographic order merges first. Both backends implement this rule
+    with identical float64 arithmetic, so they return identical labels even on exact ties (duplicate
+    tokens). scipy, scikit-learn and fastcluster break exact ties in their own (documented-as-unspecified)
+    ways; where no two candidate merges are at exactly the same height, all backends give the same partition.
+
+Backends
+    ``torch``: batched over the whole batch and vectorised, on any device (the GPU path: no per-sample host
+    round trip). ``numba``: compiled nearest-neighbour Lance-Williams loop, parallel over the batch (the
+    fastest on CPU). ``scipy``, ``sklearn``, ``fastcluster``: per-sample reference libraries. ``cuml``: RAPIDS
+    (single linkage only). ``auto``: ``torch`` on CUDA, else the fastest installed CPU backend.
+
+Adding a linkage is a local change: add a :class:`Linkage` entry to :data:`LINKAGES` (its Lance-Williams
+update, used by the torch backend) and the same update to ``_lance_williams`` in :mod:`atc._numba_cluster`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import numbers
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = [
+    "LINKAGES",
+    "BACKENDS",
+    "Linkage",
+    "BackendUnavailableError",
+    "agglomerative_clustering",
+    "available_backends",
+    "cosine_distance",
+    "canonical_labels",
+    "validate_linkage",
+    "resolve_backend",
+]
+
+
+class BackendUnavailableError(ValueError):
+    """The requested clustering backend is not installed or cannot run on this device."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Linkages
+# --------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Linkage:
+    """A Lance-Williams linkage.
+
+    ``update(d_ak, d_bk, n_a, n_b)`` returns the distance from the merged cluster ``a ∪ b`` to every other
+    cluster ``k`` given ``d(a, k)``, ``d(b, k)`` and the cluster sizes. ``numba_id`` selects the same update in
+    the compiled backend; ``scipy_method`` names it for scipy/fastcluster, ``sklearn_linkage`` for sklearn.
+    """
+
+    name: str
+    update: Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
+    numba_id: int
+    scipy_method: str
+    sklearn_linkage: str
+
+
+def _single(d_ak: Tensor, d_bk: Tensor, n_a: Tensor, n_b: Tensor) -> Tensor:
+    return torch.minimum(d_ak, d_bk)
+
+
+def _complete(d_ak: Tensor, d_bk: Tensor, n_a: Tensor, n_b: Tensor) -> Tensor:
+    return torch.maximum(d_ak, d_bk)
+
+
+def _average(d_ak: Tensor, d_bk: Tensor, n_a: Tensor, n_b: Tensor) -> Tensor:
+    # Same expression (and rounding) as scipy's and the numba backend's update.
+    return (n_a * d_ak + n_b * d_bk) / (n_a + n_b)
+
+
+LINKAGES: dict[str, Linkage] = {
+    "single": Linkage("single", _single, 0, "single", "single"),
+    "complete": Linkage("complete", _complete, 1, "complete", "complete"),
+    "average": Linkage("average", _average, 2, "average", "average"),
+}
+
+
+def validate_linkage(linkage: str) -> Linkage:
+    """Return the :class:`Linkage` named ``linkage`` or raise a ValueError listing the known ones."""
+    if not isinstance(linkage, str) or linkage not in LINKAGES:
+        raise ValueError(f"unknown linkage {linkage!r}: choose one of {sorted(LINKAGES)}")
+    return LINKAGES[linkage]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Input checks and distances
+# --------------------------------------------------------------------------------------------------------------
+def _check_num_clusters(num_clusters: object, num_tokens: int) -> int:
+    if isinstance(num_clusters, bool) or not isinstance(num_clusters, (numbers.Integral, Tensor)):
+        raise TypeError(f"num_clusters must be an integer, got {type(num_clusters).__name__} {num_clusters!r}")
+    if isinstance(num_clusters, Tensor):
+        if num_clusters.numel() != 1 or num_clusters.dtype.is_floating_point or num_clusters.dtype == torch.bool:
+            raise TypeError(f"num_clusters must be an integer, got tensor {num_clusters!r}")
+        num_clusters = int(num_clusters.item())
+    k = int(num_clusters)
+    if not 1 <= k <= num_tokens:
+        raise ValueError(
+            f"num_clusters must be between 1 and the number of tokens ({num_tokens}), got {k}"
+        )
+    return k
+
+
+def _check_metric(metric: object) -> Tensor:
+    if not isinstance(metric, Tensor):
+        raise TypeError(f"metric must be a torch.Tensor of shape (B, T, C), got {type(metric).__name__}")
+    if not metric.is_floating_point():
+        raise TypeError(f"metric must have a floating-point dtype, got {metric.dtype}")
+    if metric.dim() != 3:
+        raise ValueError(f"metric must have shape (B, T, C), got {metric.dim()} dimensions {tuple(metric.shape)}")
+    if metric.shape[1] == 0:
+        raise ValueError("metric has no tokens (T = 0): nothing to cluster")
+    if metric.shape[2] == 0:
+        raise ValueError("metric has no channels (C = 0): tokens cannot be compared")
+    if metric.numel() and not bool(torch.isfinite(metric).all()):
+        raise ValueError("metric contains NaN or infinite values")
+    return metric
+
+
+def _unit_rows(metric: Tensor) -> Tensor:
+    """L2-normalise tokens in float64; zero-norm tokens stay zero (cosine similarity 0 with everything)."""
+    m = metric.detach().to(torch.float64)
+    # Scale by the largest magnitude first so that very large or very small tokens do not over/underflow.
+    m = m / m.abs().amax(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
+    return m / torch.linalg.vector_norm(m, dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
+
+
+def _distance_matrix(metric: Tensor, inf_diagonal: bool) -> Tensor:
+    m = _unit_rows(metric)
+    d = torch.baddbmm(torch.ones((), dtype=m.dtype, device=m.device), m, m.transpose(1, 2), alpha=-1.0)
+    d.clamp_(0.0, 2.0)
+    d.diagonal(dim1=1, dim2=2).fill_(float("inf") if inf_diagonal else 0.0)
+    return d
+
+
+def cosine_distance(metric: Tensor) -> Tensor:
+    """Cosine distances ``1 - cos(m_i, m_j)`` between tokens: ``(B, T, C) -> (B, T, T)`` float64.
+
+    Values lie in ``[0, 2]`` with a zero diagonal; a zero-norm token is at distance 1 from every other token.
+    """
+    return _distance_matrix(_check_metric(metric), inf_diagonal=False)
+
+
+def canonical_labels(labels: Tensor) -> Tensor:
+    """Renumber cluster labels ``(B, T)`` in order of each cluster's smallest token index."""
+    labels = labels.long()
+    bsz, t = labels.shape
+    n = int(labels.max()) + 1 if labels.numel() else 0
+    first = torch.full((bsz, max(n, 1)), t, dtype=torch.long, device=labels.device)
+    pos = torch.arange(t, device=labels.device).expand(bsz, t)
+    first.scatter_reduce_(1, labels, pos, reduce="amin")
+    order = first.argsort(dim=1, stable=True)
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(order.shape[1], device=labels.device).expand_as(order))
+    return rank.gather(1, labels)
+
+
+def _labels_from_parent(parent: Tensor) -> Tensor:
+    """Labels from parent pointers (``parent[t] <= t``; roots point to themselves), numbered by root order."""
+    steps = max(1, int(np.ceil(np.log2(max(parent.shape[1], 2)))))
+    for _ in range(steps + 1):
+        parent = parent.gather(1, parent)
+    idx = torch.arange(parent.shape[1], device=parent.device)
+    ids = (parent == idx).long().cumsum(1) - 1
+    return ids.gather(1, parent)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Backends
+# --------------------------------------------------------------------------------------------------------------
+def _cluster_torch(metric: Tensor, k: int, linkage: Linkage, dense_repair: bool | None = None) -> Tensor:
+    """Batched nearest-neighbour-list Lance-Williams clustering in torch (one step merges in every sample).
+
+    ``dense_repair`` recomputes nearest neighbours of all rows at every step instead of gathering the rows
+    that need it; that avoids a device sync per step and is the default on CUDA.
+    """
+    device = metric.device
+    bsz, t, _ = metric.shape
+    if dense_repair is None:
+        dense_repair = device.type != "cpu"
+    d = _distance_matrix(metric, inf_diagonal=True)
+    ar = torch.arange(bsz, device=device)
+    cols = torch.arange(t, device=device).expand(bsz, t)
+    size = torch.ones(bsz, t, dtype=torch.float64, device=device)
+    parent = torch.arange(t, device=device).repeat(bsz, 1)
+    nnd, nn = d.min(dim=2)
+    inf = torch.tensor(float("inf"), dtype=torch.float64, device=device)
+    for _ in range(t - k):
+        i = nnd.argmin(dim=1)
+        j = nn[ar, i]
+        a, b = torch.minimum(i, j), torch.maximum(i, j)
+        n_a, n_b = size[ar, a].unsqueeze(1), size[ar, b].unsqueeze(1)
+        new = linkage.update(d[ar, a], d[ar, b], n_a, n_b)
+        new[ar, a] = inf
+        new[ar, b] = inf
+        d[ar, a] = new
+        d[ar, :, a] = new
+        d[ar, b] = inf
+        d[ar, :, b] = inf
+        size[ar, a] += n_b.squeeze(1)
+        parent[ar, b] = a
+        nnd[ar, b] = inf
+        a_col, b_col = a.unsqueeze(1), b.unsqueeze(1)
+        stale = (nn == a_col) | (nn == b_col) | (cols == a_col)
+        stale &= torch.isfinite(nnd) | (cols == a_col)
+        stale[ar, b] = False
+        better = ((new < nnd) | ((new == nnd) & (a_col < nn))) & ~stale
+        nn = torch.where(better, a_col, nn)
+        nnd = torch.where(better, new, nnd)
+        if dense_repair:
+            rd, rn = d.min(dim=2)
+            nnd = torch.where(stale, rd, nnd)
+            nn = torch.where(stale, rn, nn)
+        else:
+            rows = stale.nonzero(as_tuple=True)
+            rd, rn = d[rows].min(dim=1)
+            nnd[rows] = rd
+            nn[rows] = rn
+    return _labels_from_parent(parent)
+
+
+def _per_sample_distances(metric: Tensor) -> np.ndarray:
+    return _distance_matrix(metric, inf_diagonal=False).cpu().numpy()
+
+
+def _cut_linkage_matrix(z: np.ndarray, t: int, k: int) -> np.ndarray:
+    """Apply the first ``t - k`` merges of a scipy-format linkage matrix; labels by smallest token index."""
+    parent = np.arange(2 * t - 1)
+    for step in range(t - k):
+        parent[int(z[step, 0])] = t + step
+        parent[int(z[step, 1])] = t + step
+    root = np.arange(t)
+    for i in range(t):
+        r = i
+        while parent[r] != r:
+            r = parent[r]
+        root[i] = r
+    _, first_idx, inverse = np.unique(root, return_index=True, return_inverse=True)
+    order = np.argsort(np.argsort(first_idx))
+    return order[inverse]
+
+
+def _cluster_scipy(metric: Tensor, k: int, linkage: Linkage) -> Tensor:
+    from scipy.cluster.hierarchy import linkage as scipy_linkage
+    from scipy.spatial.distance import squareform
+
+    dist = _per_sample_distances(metric)
+    t = dist.shape[1]
+    out = np.empty(dist.shape[:2], dtype=np.int64)
+    for b in range(dist.shape[0]):
+        z = scipy_linkage(squareform(dist[b], checks=False), method=linkage.scipy_method)
+        out[b] = _cut_linkage_matrix(z, t, k)
+    return torch.from_numpy(out)
+
+
+def _cluster_fastcluster(metric: Tensor, k: int, linkage: Linkage) -> Tensor:
+    import fastcluster
+    from scipy.spatial.distance import squareform
+
+    dist = _per_sample_distances(metric)
+    t = dist.shape[1]
+    out = np.empty(dist.shape[:2], dtype=np.int64)
+    for b in range(dist.shape[0]):
+        z = fastcluster.linkage(squareform(dist[b], checks=False), method=linkage.scipy_method, preserve_input=False)
+        out[b] = _cut_linkage_matrix(z, t, k)
+    return torch.from_numpy(out)
+
+
+def _cluster_sklearn(metric: Tensor, k: int, linkage: Linkage) -> Tensor:
+    from sklearn.cluster import AgglomerativeClustering
+
+    dist = _per_sample_distances(metric)
+    out = np.empty(dist.shape[:2], dtype=np.int64)
+    for b in range(dist.shape[0]):
+        model = AgglomerativeClustering(n_clusters=k, metric="precomputed", linkage=linkage.sklearn_linkage)
+        out[b] = model.fit_predict(dist[b])
+    return canonical_labels(torch.from_numpy(out))
+
+
+def _cluster_numba(metric: Tensor, k: int, linkage: Linkage) -> Tensor:
+    from atc._numba_cluster import cluster_batch
+
+    dist = _distance_matrix(metric, inf_diagonal=True).cpu().contiguous().numpy()
+    labels = np.empty(dist.shape[:2], dtype=np.int64)
+    cluster_batch(dist, k, linkage.numba_id, labels)
+    return torch.from_numpy(labels)
+
+
+def _cluster_cuml(metric: Tensor, k: int, linkage: Linkage) -> Tensor:
+    if linkage.name != "single":
+        raise ValueError(
+            f"the cuml backend supports single linkage only (RAPIDS cuML's AgglomerativeClustering), got "
+            f"{linkage.name!r}: use backend='torch' for {linkage.name} linkage on the GPU"
+        )
+    from cuml.cluster import AgglomerativeClustering  # type: ignore[import-not-found]
+
+    unit = _unit_rows(metric).to(torch.float32)
+    out = []
+    for b in range(unit.shape[0]):
+        model = AgglomerativeClustering(n_clusters=k, metric="cosine", linkage="single", connectivity="pairwise")
+        labels = model.fit_predict(unit[b])
+        out.append(torch.as_tensor(np.asarray(labels.get() if hasattr(labels, "get") else labels), dtype=torch.long))
+    return canonical_labels(torch.stack(out).to(metric.device))
+
+
+@dataclass(frozen=True)
+class _Backend:
+    run: Callable[..., Tensor]
+    modules: tuple[str, ...]
+    needs_cuda: bool = False
+
+
+BACKENDS: dict[str, _Backend] = {
+    "torch": _Backend(_cluster_torch, ()),
+    "numba": _Backend(_cluster_numba, ("numba",)),
+    "scipy": _Backend(_cluster_scipy, ("scipy",)),
+    "sklearn": _Backend(_cluster_sklearn, ("sklearn",)),
+    "fastcluster": _Backend(_cluster_fastcluster, ("fastcluster",)),
+    "cuml": _Backend(_cluster_cuml, ("cuml",), needs_cuda=True),
+}
+
+# Fastest first, as measured by benchmark_atc_framework.py on CPU.
+_CPU_PREFERENCE = ("numba", "fastcluster", "scipy", "torch")
+
+
+def _installed(backend: str) -> bool:
+    spec = BACKENDS[backend]
+    if spec.needs_cuda and not torch.cuda.is_available():
+        return False
+    return all(importlib.util.find_spec(m) is not None for m in spec.modules)
+
+
+def available_backends() -> list[str]:
+    """Names of the backends usable on this machine (``auto`` not included)."""
+    return [name for name in BACKENDS if _installed(name)]
+
+
+def resolve_backend(backend: str, device: torch.device | str = "cpu") -> str:
+    """Map ``backend`` (a name or ``"auto"``) to a concrete installed backend for ``device``."""
+    if not isinstance(backend, str) or (backend != "auto" and backend not in BACKENDS):
+        raise ValueError(f"unknown backend {backend!r}: choose 'auto' or one of {list(BACKENDS)}")
+    if backend == "auto":
+        if torch.device(device).type != "cpu":
+            return "torch"
+        return next(b for b in _CPU_PREFERENCE if _installed(b))
+    if not _installed(backend):
+        hint = "a CUDA GPU and RAPIDS cuML (requirements/rapids.txt)" if BACKENDS[backend].needs_cuda else (
+            f"`pip install {' '.join(BACKENDS[backend].modules).replace('sklearn', 'scikit-learn')}`")
+        raise BackendUnavailableError(f"clustering backend {backend!r} is not available here: it needs {hint}")
+    return backend
+
+
+def agglomerative_clustering(
+    metric: Tensor, num_clusters: int, linkage: str = "average", backend: str = "auto"
+) -> Tensor:
+    """Cluster the tokens of every sample into ``num_clusters`` clusters.
+
+    Args:
+        metric: ``(B, T, C)`` token features, any float dtype and device.
+        num_clusters: ``K`` with ``1 <= K <= T``.
+        linkage: ``"single"``, ``"complete"`` or ``"average"``.
+        backend: ``"auto"`` or one of :func:`available_backends`.
+
+    Returns:
+        ``LongTensor (B, T)`` on ``metric.device``; labels in ``[0, K)`` numbered by smallest token index.
+    """
+    link = validate_linkage(linkage)
+    metric = _check_metric(metric)
+    bsz, t, _ = metric.shape
+    k = _check_num_clusters(num_clusters, t)
+    name = resolve_backend(backend, metric.device)
+    if bsz == 0:
+        return torch.empty(0, t, dtype=torch.long, device=metric.device)
+    if k == t:
+        return torch.arange(t, device=metric.device).repeat(bsz, 1)
+    if k == 1:
+        return torch.zeros(bsz, t, dtype=torch.long, device=metric.device)
+    labels = BACKENDS[name].run(metric, k, link)
+    return labels.to(metric.device)

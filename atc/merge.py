@@ -1,0 +1,308 @@
+"""From token assignments to merged tokens: one representation for every reduction method.
+
+Every method (ATC, ToMe's bipartite soft matching, K-Medoids, DPC-KNN) returns a :class:`Merge`: for each of
+the ``T`` input tokens, the output slot it goes to (``labels (B, T)``, values in ``[0, num_out)``). Protected
+prefix tokens (CLS, distillation, register tokens) are the first ``protected_tokens`` tokens; they keep slots
+``0..p-1`` and are never merged. Other output slots are numbered by the smallest input token they hold, so
+merged tokens keep spatial order.
+
+With a :class:`Merge` you can
+
+- ``merge(x, weight)``: weighted mean per slot ``(B, T, C) -> (B, num_out, C)`` (or the representative tokens
+  for selection methods such as K-Medoids),
+- ``merge_wavg(x, size)``: ToMe/ATC's size-weighted merge, ``x <- sum(x*size)/sum(size)``, ``size <- sum(size)``,
+- ``unmerge(y)``: back to ``(B, T, C)``, each token receiving its slot's vector,
+- ``merge_token_map(token_map)``: source tracking, which output slot holds each original token.
+
+:func:`merge_by_method` switches method by name, so a model patcher supports all of them with one call.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from atc.cluster import agglomerative_clustering, canonical_labels
+
+__all__ = [
+    "Merge",
+    "MERGE_METHODS",
+    "merge_by_method",
+    "max_removable",
+    "atc_merge",
+    "bipartite_soft_matching",
+    "kmedoids",
+    "dpc_knn",
+    "identity_merge",
+    "proportional_attention_bias",
+    "source_matrix",
+    "init_token_map",
+]
+
+
+@dataclass
+class Merge:
+    """A reduction of ``T`` tokens to ``num_out`` tokens.
+
+    Attributes:
+        labels: ``(B, T)`` long, output slot of every input token.
+        num_out: number of output tokens.
+        select: optional ``(B, num_out)`` long, for selection methods (K-Medoids): the input token whose
+            vector represents each slot. ``None`` means slots are (weighted) means of their tokens.
+    """
+
+    labels: Tensor
+    num_out: int
+    select: Tensor | None = None
+
+    def _scatter_sum(self, x: Tensor) -> Tensor:
+        bsz, t, c = x.shape
+        flat = (self.labels + torch.arange(bsz, device=x.device).unsqueeze(1) * self.num_out).reshape(-1)
+        out = x.new_zeros(bsz * self.num_out, c)
+        out.index_add_(0, flat, x.reshape(bsz * t, c))
+        return out.view(bsz, self.num_out, c)
+
+    def merge(self, x: Tensor, weight: Tensor | None = None) -> Tensor:
+        """``(B, T, C) -> (B, num_out, C)``: mean of each slot's tokens weighted by ``weight (B, T, 1)``."""
+        if self.select is not None:
+            return x.gather(1, self.select.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        if weight is None:
+            weight = x.new_ones(x.shape[0], x.shape[1], 1)
+        weight = weight.to(x.dtype)
+        total = self._scatter_sum(weight)
+        return self._scatter_sum(x * weight) / total
+
+    def merge_size(self, size: Tensor) -> Tensor:
+        """``(B, T, 1) -> (B, num_out, 1)``: sizes add up."""
+        return self._scatter_sum(size)
+
+    def merge_wavg(self, x: Tensor, size: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Size-weighted merge: returns ``(x_merged (B, num_out, C), size_merged (B, num_out, 1))``."""
+        if size is None:
+            size = x.new_ones(x.shape[0], x.shape[1], 1)
+        return self.merge(x, size), self.merge_size(size)
+
+    def unmerge(self, y: Tensor) -> Tensor:
+        """``(B, num_out, C) -> (B, T, C)``: every input token receives its slot's vector."""
+        return y.gather(1, self.labels.unsqueeze(-1).expand(-1, -1, y.shape[-1]))
+
+    def merge_token_map(self, token_map: Tensor) -> Tensor:
+        """Source tracking: ``token_map (B, N)`` maps each of the N original tokens to its current slot."""
+        return self.labels.gather(1, token_map)
+
+    def then(self, other: "Merge") -> "Merge":
+        """The composition ``other ∘ self`` as one merge from this merge's inputs to ``other``'s outputs."""
+        if self.select is not None or other.select is not None:
+            raise ValueError("selection merges (K-Medoids) cannot be composed")
+        return Merge(other.labels.gather(1, self.labels), other.num_out)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------------------------
+def init_token_map(batch_size: int, num_tokens: int, device: torch.device | str | None = None) -> Tensor:
+    """Identity source map ``(B, N)``: original token ``n`` sits in slot ``n``."""
+    return torch.arange(num_tokens, device=device).repeat(batch_size, 1)
+
+
+def source_matrix(token_map: Tensor, num_out: int) -> Tensor:
+    """ToMe-style dense source ``(B, num_out, N)``: ``[b, k, n] = 1`` if original token ``n`` is in slot ``k``."""
+    return F.one_hot(token_map, num_out).transpose(1, 2).to(torch.float32)
+
+
+def proportional_attention_bias(size: Tensor) -> Tensor:
+    """Additive attention bias ``log(size)`` over the key axis: ``(B, T, 1) -> (B, 1, 1, T)``."""
+    return size.log().squeeze(-1)[:, None, None, :]
+
+
+def _with_prefix(cluster_labels: Tensor, protected_tokens: int) -> Tensor:
+    """Prepend protected tokens with their own slots ``0..p-1`` and shift the others' labels by ``p``."""
+    if protected_tokens == 0:
+        return cluster_labels
+    bsz = cluster_labels.shape[0]
+    prefix = torch.arange(protected_tokens, device=cluster_labels.device).expand(bsz, protected_tokens)
+    return torch.cat([prefix, cluster_labels + protected_tokens], dim=1)
+
+
+def _check_r(r: int, num_tokens: int, protected_tokens: int, limit: int, method: str) -> int:
+    if isinstance(r, bool) or not isinstance(r, int):
+        raise TypeError(f"r (tokens to remove) must be an int, got {type(r).__name__} {r!r}")
+    if not 0 <= protected_tokens <= num_tokens:
+        raise ValueError(f"protected_tokens must be in [0, {num_tokens}], got {protected_tokens}")
+    if r < 0 or r > limit:
+        raise ValueError(
+            f"{method} can remove between 0 and {limit} of {num_tokens} tokens "
+            f"({protected_tokens} protected), got r={r}"
+        )
+    return r
+
+
+def identity_merge(batch_size: int, num_tokens: int, device: torch.device | str | None = None) -> Merge:
+    return Merge(init_token_map(batch_size, num_tokens, device), num_tokens)
+
+
+def _normalize(metric: Tensor) -> Tensor:
+    return F.normalize(metric, dim=-1, eps=1e-12)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Methods: (metric (B, T, C), r, protected_tokens, **options) -> Merge
+# --------------------------------------------------------------------------------------------------------------
+def atc_merge(
+    metric: Tensor, r: int, protected_tokens: int = 1, *, linkage: str = "average", backend: str = "auto", **_: object
+) -> Merge:
+    """ATC: agglomerative clustering of the unprotected tokens into ``T - p - r`` clusters (cosine distance)."""
+    bsz, t, _c = metric.shape
+    r = _check_r(r, t, protected_tokens, max(t - protected_tokens - 1, 0), "ATC")
+    if r == 0:
+        return identity_merge(bsz, t, metric.device)
+    labels = agglomerative_clustering(metric[:, protected_tokens:], t - protected_tokens - r, linkage, backend)
+    return Merge(_with_prefix(labels, protected_tokens), t - r)
+
+
+def bipartite_soft_matching(
+    metric: Tensor, r: int, protected_tokens: int = 1, *, dst_mask: Tensor | None = None, **_: object
+) -> Merge:
+    """ToMe's bipartite soft matching (Bolya et al. 2023).
+
+    Tokens at odd positions form the destination set B, those at even positions the source set A (as in
+    ToMe, where the CLS token at position 0 is in A). ``dst_mask (T,)`` bool overrides the split (the
+    Stable Diffusion variant picks one destination per sx×sy cell). Protected tokens are never merged. The
+    ``r`` source tokens whose best cosine match is highest merge into that destination.
+    """
+    bsz, t, _c = metric.shape
+    if dst_mask is None:
+        dst_mask = torch.arange(t, device=metric.device) % 2 == 1
+    dst_mask = dst_mask.to(metric.device).clone()
+    protected = torch.arange(t, device=metric.device) < protected_tokens
+    dst_mask &= ~protected
+    src_mask = ~dst_mask & ~protected
+    src_idx, dst_idx = src_mask.nonzero().squeeze(1), dst_mask.nonzero().squeeze(1)
+    r = _check_r(r, t, protected_tokens, min(len(src_idx), len(dst_idx)), "bipartite soft matching")
+    if r == 0:
+        return identity_merge(bsz, t, metric.device)
+    m = _normalize(metric)
+    scores = m[:, src_idx] @ m[:, dst_idx].transpose(1, 2)
+    node_max, node_idx = scores.max(dim=-1)
+    order = node_max.argsort(dim=-1, descending=True, stable=True)
+    merged_src = order[:, :r]
+    # Every token starts in its own slot; merged sources take their destination's position as label.
+    labels = torch.arange(t, device=metric.device).repeat(bsz, 1)
+    src_pos = src_idx[merged_src]
+    dst_pos = dst_idx[node_idx.gather(1, merged_src)]
+    labels.scatter_(1, src_pos, dst_pos)
+    return Merge(canonical_labels(labels), t - r)
+
+
+def kmedoids(
+    metric: Tensor,
+    r: int,
+    protected_tokens: int = 1,
+    *,
+    weights: Tensor | None = None,
+    iters: int = 3,
+    **_: object,
+) -> Merge:
+    """K-Medoids on the unprotected tokens (REFERENCE §1): K = T - p - r medoids, output = the medoid tokens.
+
+    ``weights (B, T)``: importance of each token (the attention it received in the previous block); the
+    initial medoids are the top-K by weight (the first K tokens without weights). ``iters`` rounds of
+    assignment (nearest medoid, euclidean) and update (the member minimising the summed distance to its
+    cluster). Protected tokens are kept as their own slots.
+    """
+    bsz, t, _c = metric.shape
+    r = _check_r(r, t, protected_tokens, max(t - protected_tokens - 1, 0), "K-Medoids")
+    if r == 0:
+        return identity_merge(bsz, t, metric.device)
+    x = metric[:, protected_tokens:].float()
+    n = x.shape[1]
+    k = n - r
+    if weights is None:
+        medoids = torch.arange(k, device=x.device).repeat(bsz, 1)
+    else:
+        medoids = weights[:, protected_tokens:].float().topk(k, dim=1).indices.sort(dim=1).values
+    dist = torch.cdist(x, x)
+    for _ in range(iters):
+        assign = dist.gather(1, medoids.unsqueeze(-1).expand(-1, -1, n)).argmin(dim=1)  # (B, n)
+        same = assign.unsqueeze(1) == assign.unsqueeze(2)  # (B, n, n) same cluster
+        cost = torch.where(same, dist, torch.zeros((), device=x.device)).sum(dim=2)
+        # Per cluster, the member with the lowest total distance becomes the medoid.
+        best = torch.full((bsz, k), float("inf"), device=x.device)
+        best.scatter_reduce_(1, assign, cost, reduce="amin")
+        is_best = cost == best.gather(1, assign)
+        pos = torch.arange(n, device=x.device).expand(bsz, n)
+        candidate = torch.where(is_best, pos, torch.full_like(pos, n))
+        new_medoids = torch.full((bsz, k), n, device=x.device, dtype=torch.long)
+        new_medoids.scatter_reduce_(1, assign, candidate, reduce="amin")
+        medoids = torch.where(new_medoids < n, new_medoids, medoids)
+    assign = dist.gather(1, medoids.unsqueeze(-1).expand(-1, -1, n)).argmin(dim=1)
+    # Force every medoid into its own cluster so each slot is non-empty and represented by its medoid.
+    assign.scatter_(1, medoids, torch.arange(k, device=x.device).expand(bsz, k))
+    labels = canonical_labels(assign)
+    slot_of_medoid = labels.gather(1, medoids)
+    select = torch.empty_like(medoids)
+    select.scatter_(1, slot_of_medoid, medoids)
+    prefix = torch.arange(protected_tokens, device=x.device).expand(bsz, protected_tokens)
+    return Merge(_with_prefix(labels, protected_tokens), t - r, torch.cat([prefix, select + protected_tokens], 1))
+
+
+def dpc_knn(metric: Tensor, r: int, protected_tokens: int = 1, *, k: int = 5, **_: object) -> Merge:
+    """DPC-KNN clustering (TCFormer) of the unprotected tokens into ``T - p - r`` clusters.
+
+    Distances ``cdist / sqrt(C)``; density ``exp(-mean of squared distances to the k nearest neighbours)``;
+    ``delta`` = distance to the nearest denser token (max distance for the densest); centres = top-K of
+    ``delta * density``; every token joins its nearest centre. Deterministic (ties broken by a tiny
+    index-dependent offset instead of random noise). Merge with :meth:`Merge.merge` and token weights.
+    """
+    bsz, t, c = metric.shape
+    r = _check_r(r, t, protected_tokens, max(t - protected_tokens - 1, 0), "DPC-KNN")
+    if r == 0:
+        return identity_merge(bsz, t, metric.device)
+    x = metric[:, protected_tokens:].float()
+    n = x.shape[1]
+    num_clusters = n - r
+    dist = torch.cdist(x, x) / math.sqrt(c)
+    kk = min(k, n)
+    knn = dist.topk(kk, dim=-1, largest=False).values
+    density = (-(knn**2).mean(dim=-1)).exp()
+    density = density + torch.arange(n, device=x.device, dtype=density.dtype).flip(0) * 1e-6 * density.mean(1, True)
+    denser = density.unsqueeze(1) > density.unsqueeze(2)  # [b, i, j]: j is denser than i
+    dist_max = dist.flatten(1).max(dim=1).values[:, None, None]
+    delta = torch.where(denser, dist, dist_max).min(dim=-1).values
+    score = delta * density
+    centres = score.topk(num_clusters, dim=-1).indices
+    assign = dist.gather(1, centres.unsqueeze(-1).expand(-1, -1, n)).argmin(dim=1)
+    assign.scatter_(1, centres, torch.arange(num_clusters, device=x.device).expand(bsz, num_clusters))
+    return Merge(_with_prefix(canonical_labels(assign), protected_tokens), t - r)
+
+
+MergeMethod = Callable[..., Merge]
+
+MERGE_METHODS: dict[str, MergeMethod] = {
+    "atc": atc_merge,
+    "tome": bipartite_soft_matching,
+    "kmedoids": kmedoids,
+    "dpcknn": dpc_knn,
+}
+
+
+def max_removable(method: str, num_tokens: int, protected_tokens: int = 1) -> int:
+    """Largest ``r`` that ``method`` can remove from ``num_tokens`` tokens in one step."""
+    free = num_tokens - protected_tokens
+    if method not in MERGE_METHODS:
+        raise ValueError(f"unknown merge method {method!r}: choose one of {sorted(MERGE_METHODS)}")
+    if method == "tome":
+        return max(free // 2, 0)
+    return max(free - 1, 0)
+
+
+def merge_by_method(method: str, metric: Tensor, r: int, protected_tokens: int = 1, **options: object) -> Merge:
+    """Run the reduction method named ``method`` (see :data:`MERGE_METHODS`) removing exactly ``r`` tokens."""
+    if method not in MERGE_METHODS:
+        raise ValueError(f"unknown merge method {method!r}: choose one of {sorted(MERGE_METHODS)}")
+    return MERGE_METHODS[method](metric, r, protected_tokens, **options)
