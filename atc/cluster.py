@@ -146,17 +146,29 @@ def _check_metric(metric: object) -> Tensor:
 
 
 def _unit_rows(metric: Tensor) -> Tensor:
-    """L2-normalise tokens in float64; zero-norm tokens stay zero (cosine similarity 0 with everything)."""
+    """L2-normalise tokens in float64 (after scaling by the largest magnitude, so nothing over/underflows);
+    zero-norm tokens stay zero (cosine similarity 0 with everything)."""
     m = metric.detach().to(torch.float64)
-    # Scale by the largest magnitude first so that very large or very small tokens do not over/underflow.
     m = m / m.abs().amax(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
     return m / torch.linalg.vector_norm(m, dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
 
 
-def _distance_matrix(metric: Tensor, inf_diagonal: bool) -> Tensor:
+def _gram(metric: Tensor, symmetric: bool = True) -> Tensor:
+    """Cosine similarities ``(B, T, T)`` in float64 on metric's device; every backend starts from these.
+
+    Only the upper triangle is computed authoritatively; ``symmetric`` mirrors it into the lower triangle
+    (the BLAS product is not guaranteed to be bit-symmetric).
+    """
     m = _unit_rows(metric)
-    d = torch.baddbmm(torch.ones((), dtype=m.dtype, device=m.device), m, m.transpose(1, 2), alpha=-1.0)
-    d.clamp_(0.0, 2.0)
+    g = torch.bmm(m, m.transpose(1, 2))
+    if symmetric:
+        upper = torch.ones(g.shape[1], g.shape[1], dtype=torch.bool, device=g.device).triu()
+        g = torch.where(upper, g, g.transpose(1, 2))
+    return g
+
+
+def _distance_matrix(metric: Tensor, inf_diagonal: bool) -> Tensor:
+    d = torch.sub(1.0, _gram(metric)).clamp_(0.0, 2.0)
     d.diagonal(dim1=1, dim2=2).fill_(float("inf") if inf_diagonal else 0.0)
     return d
 
@@ -306,11 +318,11 @@ def _cluster_sklearn(metric: Tensor, k: int, linkage: Linkage) -> Tensor:
 
 
 def _cluster_numba(metric: Tensor, k: int, linkage: Linkage) -> Tensor:
-    from atc._numba_cluster import cluster_batch
+    from atc._numba_cluster import cluster_gram_batch
 
-    dist = _distance_matrix(metric, inf_diagonal=True).cpu().contiguous().numpy()
-    labels = np.empty(dist.shape[:2], dtype=np.int64)
-    cluster_batch(dist, k, linkage.numba_id, labels)
+    gram = _gram(metric.cpu(), symmetric=False).contiguous().numpy()
+    labels = np.empty(gram.shape[:2], dtype=np.int64)
+    cluster_gram_batch(gram, k, linkage.numba_id, labels)
     return torch.from_numpy(labels)
 
 
