@@ -327,11 +327,6 @@ def _cluster_numba(metric: Tensor, k: int, linkage: Linkage) -> Tensor:
 
 
 def _cluster_cuml(metric: Tensor, k: int, linkage: Linkage) -> Tensor:
-    if linkage.name != "single":
-        raise ValueError(
-            f"the cuml backend supports single linkage only (RAPIDS cuML's AgglomerativeClustering), got "
-            f"{linkage.name!r}: use backend='torch' for {linkage.name} linkage on the GPU"
-        )
     from cuml.cluster import AgglomerativeClustering  # type: ignore[import-not-found]
 
     unit = _unit_rows(metric).to(torch.float32)
@@ -409,6 +404,11 @@ def agglomerative_clustering(
     bsz, t, _ = metric.shape
     k = _check_num_clusters(num_clusters, t)
     name = resolve_backend(backend, metric.device)
+    if name == "cuml" and link.name != "single":
+        raise ValueError(
+            f"the cuml backend supports single linkage only (RAPIDS cuML's AgglomerativeClustering), got "
+            f"{link.name!r}: use backend='torch' for {link.name} linkage on the GPU"
+        )
     if bsz == 0:
         return torch.empty(0, t, dtype=torch.long, device=metric.device)
     if k == t:

@@ -176,14 +176,18 @@ def bipartite_soft_matching(
     ``r`` source tokens whose best cosine match is highest merge into that destination.
     """
     bsz, t, _c = metric.shape
-    if dst_mask is None:
+    alternating = dst_mask is None
+    if alternating:
         dst_mask = torch.arange(t, device=metric.device) % 2 == 1
     dst_mask = dst_mask.to(metric.device).clone()
     protected = torch.arange(t, device=metric.device) < protected_tokens
     dst_mask &= ~protected
     src_mask = ~dst_mask & ~protected
     src_idx, dst_idx = src_mask.nonzero().squeeze(1), dst_mask.nonzero().squeeze(1)
-    r = _check_r(r, t, protected_tokens, min(len(src_idx), len(dst_idx)), "bipartite soft matching")
+    # ToMe's alternating split can halve the free tokens at most; with explicit destinations (ToMe-SD) every
+    # source token may merge.
+    limit = min(len(src_idx), len(dst_idx)) if alternating else (len(src_idx) if len(dst_idx) else 0)
+    r = _check_r(r, t, protected_tokens, limit, "bipartite soft matching")
     if r == 0:
         return identity_merge(bsz, t, metric.device)
     m = _normalize(metric)

@@ -1,0 +1,282 @@
+"""atc.merge against brute-force references (explicit loops over clusters and tokens)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from atc import merge as M
+from atc.cluster import agglomerative_clustering
+
+
+def brute_force_merge(x, size, labels, num_out):
+    """Loop over slots: size-weighted mean and summed size of each slot's tokens."""
+    b, t, c = x.shape
+    out = torch.zeros(b, num_out, c, dtype=x.dtype)
+    out_size = torch.zeros(b, num_out, 1, dtype=x.dtype)
+    for i in range(b):
+        for k in range(num_out):
+            members = [j for j in range(t) if labels[i, j] == k]
+            assert members, "every slot must hold at least one token"
+            w = torch.stack([size[i, j] for j in members])
+            out[i, k] = sum(x[i, j] * size[i, j] for j in members) / w.sum()
+            out_size[i, k] = w.sum()
+    return out, out_size
+
+
+def check_partition(merge: M.Merge, protected: int, removed: int):
+    labels = merge.labels
+    b, t = labels.shape
+    assert merge.num_out == t - removed
+    for row in labels.tolist():
+        assert row[:protected] == list(range(protected)), "protected tokens keep their own first slots"
+        assert set(row[protected:]).isdisjoint(range(protected)), "nothing merges into a protected token"
+        assert sorted(set(row)) == list(range(merge.num_out)), "every slot is used"
+        assert list(dict.fromkeys(row)) == list(range(merge.num_out)), "slots numbered by smallest token"
+
+
+@pytest.mark.parametrize("method", ["atc", "tome", "kmedoids", "dpcknn"])
+@pytest.mark.parametrize("protected", [0, 1, 2])
+def test_every_method_removes_exactly_r(method, protected):
+    gen = torch.Generator().manual_seed(protected)
+    x = torch.randn(3, 21, 8, generator=gen)
+    for r in (0, 1, 5, M.max_removable(method, 21, protected)):
+        merge = M.merge_by_method(method, x, r, protected, linkage="complete")
+        check_partition(merge, protected, r)
+
+
+@pytest.mark.parametrize("method", ["atc", "tome", "kmedoids", "dpcknn"])
+def test_too_many_removed_is_an_error(method):
+    x = torch.randn(1, 11, 4)
+    limit = M.max_removable(method, 11, 1)
+    with pytest.raises(ValueError, match="can remove between 0 and"):
+        M.merge_by_method(method, x, limit + 1, 1)
+    with pytest.raises(ValueError):
+        M.merge_by_method(method, x, -1, 1)
+    with pytest.raises(TypeError):
+        M.merge_by_method(method, x, 1.5, 1)
+
+
+def test_unknown_method():
+    with pytest.raises(ValueError, match="unknown merge method"):
+        M.merge_by_method("bogus", torch.randn(1, 4, 2), 1)
+    with pytest.raises(ValueError, match="unknown merge method"):
+        M.max_removable("bogus", 10)
+
+
+def test_max_removable():
+    assert M.max_removable("tome", 197, 1) == 98
+    assert M.max_removable("tome", 198, 2) == 98
+    assert M.max_removable("atc", 197, 1) == 195
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_merge_wavg_matches_brute_force(seed):
+    gen = torch.Generator().manual_seed(seed)
+    b, t, c, k = 2, 15, 6, 6
+    x = torch.randn(b, t, c, generator=gen, dtype=torch.float64)
+    size = torch.randint(1, 5, (b, t, 1), generator=gen).double()
+    labels = torch.stack([torch.randperm(t, generator=gen) % k for _ in range(b)])
+    merge = M.Merge(labels, k)
+    got_x, got_size = merge.merge_wavg(x, size)
+    ref_x, ref_size = brute_force_merge(x, size, labels, k)
+    assert torch.allclose(got_x, ref_x, atol=1e-12)
+    assert torch.equal(got_size, ref_size)
+    # Plain (unweighted) mean is the weighted mean with unit weights.
+    ref_mean, _ = brute_force_merge(x, torch.ones_like(size), labels, k)
+    assert torch.allclose(merge.merge(x), ref_mean, atol=1e-12)
+
+
+def test_unmerge_matches_brute_force():
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.stack([torch.randperm(12, generator=gen) % 5 for _ in range(3)])
+    merge = M.Merge(labels, 5)
+    y = torch.randn(3, 5, 4, generator=gen)
+    out = merge.unmerge(y)
+    for i in range(3):
+        for j in range(12):
+            assert torch.equal(out[i, j], y[i, labels[i, j]])
+
+
+def test_atc_merge_uses_clustering_of_unprotected_tokens():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 30, 8, generator=gen)
+    for linkage in ("single", "complete", "average"):
+        merge = M.atc_merge(x, 10, protected_tokens=1, linkage=linkage)
+        ref = agglomerative_clustering(x[:, 1:], 19, linkage)
+        assert torch.equal(merge.labels[:, 1:] - 1, ref)
+        assert torch.equal(merge.labels[:, 0], torch.zeros(4, dtype=torch.long))
+
+
+def tome_reference(x, r, protected):
+    """Bipartite soft matching written as in ToMe's paper, one sample at a time with explicit loops.
+
+    Returns, for every token, the merged (plain mean) vector it ends up in."""
+    b, t, c = x.shape
+    out = torch.empty_like(x)
+    for i in range(b):
+        unit = [x[i, j] / x[i, j].norm() for j in range(t)]
+        src = [j for j in range(t) if j % 2 == 0 and j >= protected]
+        dst = [j for j in range(t) if j % 2 == 1 and j >= protected]
+        best = []
+        for s in src:
+            scores = [float(unit[s] @ unit[d]) for d in dst]
+            m = max(scores)
+            best.append((m, s, dst[scores.index(m)]))
+        best.sort(key=lambda e: -e[0])  # stable: equal scores keep source order
+        groups = {j: [j] for j in range(t)}
+        for _, s, d in best[:r]:
+            groups[d].append(s)
+            del groups[s]
+        for members in groups.values():
+            mean = torch.stack([x[i, j] for j in members]).mean(0)
+            for j in members:
+                out[i, j] = mean
+    return out
+
+
+@pytest.mark.parametrize("protected", [0, 1, 2])
+@pytest.mark.parametrize("seed", range(4))
+def test_tome_matches_reference(protected, seed):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 17, 5, generator=gen, dtype=torch.float64)
+    for r in (1, 4, (17 - protected) // 2):
+        merge = M.bipartite_soft_matching(x, r, protected)
+        check_partition(merge, protected, r)
+        assert torch.allclose(merge.unmerge(merge.merge(x)), tome_reference(x, r, protected), atol=1e-12)
+
+
+def test_tome_custom_destination_mask():
+    x = torch.randn(2, 12, 4)
+    dst = torch.zeros(12, dtype=torch.bool)
+    dst[[0, 5, 11]] = True
+    merge = M.bipartite_soft_matching(x, 9, 0, dst_mask=dst)
+    assert merge.num_out == 3
+    # Each destination keeps its own slot, and every other token joined one of them.
+    for row in merge.labels:
+        assert len({int(row[i]) for i in (0, 5, 11)}) == 3
+
+
+def test_source_tracking_composes_merges():
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 20, 6, generator=gen)
+    token_map = M.init_token_map(2, 20)
+    size = torch.ones(2, 20, 1)
+    total = None
+    for r, method in ((5, "atc"), (4, "tome"), (3, "atc")):
+        merge = M.merge_by_method(method, x, r, 1)
+        x, size = merge.merge_wavg(x, size)
+        token_map = merge.merge_token_map(token_map)
+        total = merge if total is None else total.then(merge)
+    # Brute force: the slot that holds original token n has size = number of originals mapped there.
+    for i in range(2):
+        for slot in range(x.shape[1]):
+            assert int(size[i, slot, 0]) == int((token_map[i] == slot).sum())
+    assert torch.equal(total.labels, token_map)
+    src = M.source_matrix(token_map, x.shape[1])
+    assert src.shape == (2, x.shape[1], 20)
+    assert torch.equal(src.sum(1), torch.ones(2, 20))
+    assert torch.equal(src.sum(2, keepdim=True), size)
+
+
+def test_proportional_attention_bias():
+    size = torch.tensor([[[1.0], [2.0], [4.0]]])
+    bias = M.proportional_attention_bias(size)
+    assert bias.shape == (1, 1, 1, 3)
+    assert torch.allclose(bias.flatten(), torch.tensor([0.0, math.log(2), math.log(4)]))
+
+
+def kmedoids_reference(x, k, weights, iters):
+    """K-Medoids with explicit loops: top-k init by weight, assign to nearest medoid, medoid = member with
+    the smallest summed distance to its cluster (first such member on ties)."""
+    n = x.shape[0]
+    dist = torch.cdist(x, x)
+    order = sorted(range(n), key=lambda j: -float(weights[j]))[:k]
+    medoids = sorted(order)
+    for _ in range(iters):
+        assign = [min(range(k), key=lambda m: (float(dist[medoids[m], j]), m)) for j in range(n)]
+        new = []
+        for m in range(k):
+            members = [j for j in range(n) if assign[j] == m]
+            if not members:
+                new.append(medoids[m])
+                continue
+            costs = [float(sum(dist[j, q] for q in members)) for j in members]
+            new.append(members[costs.index(min(costs))])
+        medoids = new
+    return medoids
+
+
+def test_kmedoids_outputs_are_the_medoids():
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 25, 5, generator=gen, dtype=torch.float64)
+    weights = torch.rand(2, 25, generator=gen)
+    merge = M.kmedoids(x, 9, protected_tokens=1, weights=weights, iters=3)
+    out = merge.merge(x)
+    assert out.shape == (2, 16, 5)
+    for i in range(2):
+        ref = kmedoids_reference(x[i, 1:], 15, weights[i, 1:], 3)
+        chosen = sorted(int(s) - 1 for s in merge.select[i, 1:])
+        assert chosen == sorted(ref)
+        assert torch.equal(out[i, 0], x[i, 0])
+        for slot in range(16):
+            # Every output token is an input token that belongs to its own slot.
+            assert merge.labels[i, merge.select[i, slot]] == slot
+            assert torch.equal(out[i, slot], x[i, merge.select[i, slot]])
+
+
+def dpc_knn_reference(x, k_clusters, k_nn):
+    n, c = x.shape
+    dist = torch.cdist(x, x) / math.sqrt(c)
+    density = []
+    for i in range(n):
+        nearest = sorted(float(v) for v in dist[i])[:k_nn]
+        density.append(math.exp(-sum(v * v for v in nearest) / k_nn))
+    mean_density = sum(density) / n
+    density = [d + (n - 1 - i) * 1e-6 * mean_density for i, d in enumerate(density)]
+    dmax = float(dist.max())
+    score = []
+    for i in range(n):
+        denser = [float(dist[i, j]) for j in range(n) if density[j] > density[i]]
+        score.append((min(denser) if denser else dmax) * density[i])
+    centres = sorted(range(n), key=lambda i: -score[i])[:k_clusters]
+    assign = []
+    for j in range(n):
+        if j in centres:
+            assign.append(centres.index(j))
+        else:
+            assign.append(min(range(k_clusters), key=lambda m: (float(dist[centres[m], j]), m)))
+    return assign
+
+
+def test_dpc_knn_matches_reference():
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 30, 6, generator=gen, dtype=torch.float64)
+    merge = M.dpc_knn(x, 12, protected_tokens=1, k=5)
+    for i in range(2):
+        ref = dpc_knn_reference(x[i, 1:], 17, 5)
+        mapping: dict[int, int] = {}
+        ref_canon = [mapping.setdefault(a, len(mapping)) + 1 for a in ref]
+        assert merge.labels[i, 1:].tolist() == ref_canon
+    # Learnable-weight merge: weighted mean with given token weights.
+    w = torch.rand(2, 30, 1, generator=gen, dtype=torch.float64)
+    ref_x, _ = brute_force_merge(x, w, merge.labels, merge.num_out)
+    assert torch.allclose(merge.merge(x, w), ref_x, atol=1e-12)
+
+
+def test_identity_when_nothing_removed():
+    x = torch.randn(2, 9, 3)
+    for method in M.MERGE_METHODS:
+        merge = M.merge_by_method(method, x, 0, 1)
+        assert torch.equal(merge.merge(x), x)
+        assert torch.equal(merge.unmerge(x), x)
+
+
+def test_merges_are_differentiable():
+    x = torch.randn(2, 12, 4, requires_grad=True)
+    merge = M.atc_merge(x, 5, 1)
+    y, _ = merge.merge_wavg(x, torch.ones(2, 12, 1))
+    merge.unmerge(y).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
