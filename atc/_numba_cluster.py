@@ -1,11 +1,10 @@
 """Compiled CPU backend: nearest-neighbour-list Lance-Williams clustering, parallel over the batch.
 
-Input is the float64 cosine-similarity matrix that every backend starts from (:func:`atc.cluster._gram`, upper
-triangle). The merge rule, tie-breaking and float64 arithmetic are the same as the torch backend in
+Input is the float64 cosine-similarity matrix that every backend starts from (:func:`atc.cluster._gram_blocks`). The merge rule, tie-breaking and float64 arithmetic are the same as the torch backend in
 :mod:`atc.cluster`, so both return identical labels, even on exact ties.
 
 Per sample the cost is O(T^2) to build distances and initial nearest neighbours, then O(T) per merge plus O(T)
-for each stale row that reaches the front of the queue.
+for each row whose nearest neighbour was one of the two merged clusters (about two per merge).
 """
 
 from __future__ import annotations
@@ -68,39 +67,20 @@ def _row_argmin(row: np.ndarray) -> tuple[int, float]:
 
 
 @njit(cache=True, nogil=True)
-def _cluster_gram_one(d: np.ndarray, num_clusters: int, linkage: int, labels: np.ndarray) -> None:
-    """Cluster one sample. ``d`` (T, T): cosine similarities, of which only the upper triangle is read; it is
-    overwritten with the (symmetric) distances ``clamp(1 - g, 0, 2)`` and used as the working matrix."""
+def _cluster_one(d: np.ndarray, num_clusters: int, linkage: int, labels: np.ndarray) -> None:
+    """Cluster one sample. ``d`` (T, T): distances with +inf on the diagonal, used as the working matrix."""
     t = d.shape[0]
     nn = np.empty(t, dtype=np.int64)
     nnd = np.empty(t, dtype=np.float64)
     for i in range(t):
-        row = d[i]
-        for k in range(i + 1, t):
-            v = 1.0 - row[k]
-            v = 0.0 if v < 0.0 else (2.0 if v > 2.0 else v)
-            row[k] = v
-            d[k, i] = v
-        row[i] = np.inf
-    for i in range(t):
         nn[i], nnd[i] = _row_argmin(d[i])
     active = np.ones(t, dtype=np.bool_)
-    # stale[k]: row k's nearest neighbour is unknown and nnd[k] is only a lower bound of its true value.
-    # Reducible linkages (single, complete, average) never bring a cluster closer to k than the nearer of
-    # the two clusters merged, so the old nnd[k] stays a valid lower bound; a stale row is recomputed only
-    # when it reaches the front, which gives the same merges as recomputing it at once.
-    stale = np.zeros(t, dtype=np.bool_)
     size = np.ones(t, dtype=np.float64)
     parent = np.arange(t)
     merged = np.empty(t, dtype=np.float64)
     for _ in range(t - num_clusters):
         # Smallest distance; ties -> smallest row, and nn[row] is the smallest column at that distance.
-        while True:
-            i = _row_argmin(nnd)[0]
-            if not stale[i]:
-                break
-            nn[i], nnd[i] = _row_argmin(d[i])
-            stale[i] = False
+        i = _row_argmin(nnd)[0]
         j = nn[i]
         a, b = (i, j) if i < j else (j, i)
         n_a, n_b = size[a], size[b]
@@ -119,15 +99,13 @@ def _cluster_gram_one(d: np.ndarray, num_clusters: int, linkage: int, labels: np
             d[k, b] = np.inf
         active[b] = False
         nnd[b] = np.inf
-        stale[b] = False
-        stale[a] = True  # nnd[a] (the merge height) bounds the merged cluster's new nearest distance
         size[a] = n_a + n_b
         parent[b] = a
         for k in range(t):
-            if not active[k] or stale[k]:
+            if not active[k]:
                 continue
-            if nn[k] == a or nn[k] == b:
-                stale[k] = True
+            if k == a or nn[k] == a or nn[k] == b:
+                nn[k], nnd[k] = _row_argmin(d[k])
             else:
                 v = merged[k]
                 if v < nnd[k] or (v == nnd[k] and a < nn[k]):
@@ -143,8 +121,31 @@ def _cluster_gram_one(d: np.ndarray, num_clusters: int, linkage: int, labels: np
             labels[x] = labels[parent[x]]
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _distance(g: float) -> float:
+    # Same expression and clamping as atc.cluster._distance_matrix.
+    v = 1.0 - g
+    return 0.0 if v < 0.0 else (2.0 if v > 2.0 else v)
+
+
 @njit(cache=True, parallel=True)
-def cluster_gram_batch(g: np.ndarray, num_clusters: int, linkage: int, labels: np.ndarray) -> None:
-    """Cluster every sample given its cosine-similarity matrix ``g`` (B, T, T) (overwritten); ``labels`` (B, T)."""
-    for b in prange(g.shape[0]):
-        _cluster_gram_one(g[b], num_clusters, linkage, labels[b])
+def cluster_gram_blocks(top: np.ndarray, bottom: np.ndarray, num_clusters: int, linkage: int,
+                        labels: np.ndarray) -> None:
+    """Cluster every sample from its cosine similarities given as two blocks (see ``atc.cluster._gram_blocks``):
+    ``top`` (B, h, T) = rows ``[0, h)`` against all tokens, ``bottom`` (B, T-h, T-h) = rows and columns
+    ``[h, T)``. The lower-left block is the transpose of ``top[:, :, h:]``. Writes ``labels`` (B, T)."""
+    bsz, h, t = top.shape
+    for b in prange(bsz):
+        d = np.empty((t, t))
+        tb, bb = top[b], bottom[b]
+        for i in range(h):
+            for k in range(t):
+                d[i, k] = _distance(tb[i, k])
+        for i in range(h, t):
+            for k in range(h):
+                d[i, k] = d[k, i]
+            for k in range(h, t):
+                d[i, k] = _distance(bb[i - h, k - h])
+        for i in range(t):
+            d[i, i] = np.inf
+        _cluster_one(d, num_clusters, linkage, labels[b])

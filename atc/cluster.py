@@ -38,6 +38,7 @@ update, used by the torch backend) and the same update to ``_lance_williams`` in
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import numbers
 from dataclasses import dataclass
@@ -140,35 +141,57 @@ def _check_metric(metric: object) -> Tensor:
         raise ValueError("metric has no tokens (T = 0): nothing to cluster")
     if metric.shape[2] == 0:
         raise ValueError("metric has no channels (C = 0): tokens cannot be compared")
-    if metric.numel() and not bool(torch.isfinite(metric).all()):
-        raise ValueError("metric contains NaN or infinite values")
     return metric
 
 
+def _check_finite(values: Tensor) -> None:
+    if values.numel() and not bool(torch.isfinite(values).all()):
+        raise ValueError("metric contains NaN or infinite values")
+
+
 def _unit_rows(metric: Tensor) -> Tensor:
-    """L2-normalise tokens in float64 (after scaling by the largest magnitude, so nothing over/underflows);
-    zero-norm tokens stay zero (cosine similarity 0 with everything)."""
+    """L2-normalise tokens in float64; zero-norm tokens stay zero (cosine similarity 0 with everything)."""
     m = metric.detach().to(torch.float64)
-    m = m / m.abs().amax(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
-    return m / torch.linalg.vector_norm(m, dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
+    tiny = torch.finfo(torch.float64).tiny
+    if metric.dtype == torch.float64:
+        # Squares of float64 values can over/underflow: scale by the largest magnitude first. Narrower
+        # dtypes cannot once converted to float64.
+        scale = m.abs().amax(dim=-1, keepdim=True)
+        _check_finite(scale)  # NaN and inf propagate to the row maximum: a (B, T) check instead of (B, T, C)
+        m = m / scale.clamp_min(tiny)
+    norm = torch.linalg.vector_norm(m, dim=-1, keepdim=True)
+    _check_finite(norm)  # finite narrower values cannot overflow a float64 norm
+    return m / norm.clamp_min(tiny)
 
 
-def _gram(metric: Tensor, symmetric: bool = True) -> Tensor:
-    """Cosine similarities ``(B, T, T)`` in float64 on metric's device; every backend starts from these.
+def _gram_blocks(metric: Tensor) -> tuple[Tensor, Tensor]:
+    """Cosine similarities in float64 as two blocks: ``top`` (B, h, T) = rows ``[0, h)`` against every token
+    and ``bottom`` (B, T-h, T-h) = rows and columns ``[h, T)``, with ``h = T // 2``.
 
-    Only the upper triangle is computed authoritatively; ``symmetric`` mirrors it into the lower triangle
-    (the BLAS product is not guaranteed to be bit-symmetric).
+    The missing lower-left block is the transpose of ``top[:, :, h:]``, so a quarter of the products is never
+    computed. These are the values every backend starts from (see :func:`_gram`).
     """
     m = _unit_rows(metric)
-    g = torch.bmm(m, m.transpose(1, 2))
-    if symmetric:
-        upper = torch.ones(g.shape[1], g.shape[1], dtype=torch.bool, device=g.device).triu()
-        g = torch.where(upper, g, g.transpose(1, 2))
+    h = m.shape[1] // 2
+    top = torch.bmm(m[:, :h], m.transpose(1, 2))
+    bottom = torch.bmm(m[:, h:], m[:, h:].transpose(1, 2))
+    return top, bottom
+
+
+def _gram(metric: Tensor) -> Tensor:
+    """The full ``(B, T, T)`` float64 cosine-similarity matrix assembled from :func:`_gram_blocks`."""
+    top, bottom = _gram_blocks(metric)
+    h = top.shape[1]
+    g = torch.empty(top.shape[0], top.shape[2], top.shape[2], dtype=top.dtype, device=top.device)
+    g[:, :h] = top
+    g[:, h:, h:] = bottom
+    g[:, h:, :h] = top[:, :, h:].transpose(1, 2)
     return g
 
 
 def _distance_matrix(metric: Tensor, inf_diagonal: bool) -> Tensor:
-    d = torch.sub(1.0, _gram(metric)).clamp_(0.0, 2.0)
+    """``clamp(1 - cos, 0, 2)`` with the diagonal set to 0 (or +inf for the clustering loops)."""
+    d = _gram(metric).neg_().add_(1.0).clamp_(0.0, 2.0)
     d.diagonal(dim1=1, dim2=2).fill_(float("inf") if inf_diagonal else 0.0)
     return d
 
@@ -318,11 +341,11 @@ def _cluster_sklearn(metric: Tensor, k: int, linkage: Linkage) -> Tensor:
 
 
 def _cluster_numba(metric: Tensor, k: int, linkage: Linkage) -> Tensor:
-    from atc._numba_cluster import cluster_gram_batch
+    from atc._numba_cluster import cluster_gram_blocks
 
-    gram = _gram(metric.cpu(), symmetric=False).contiguous().numpy()
-    labels = np.empty(gram.shape[:2], dtype=np.int64)
-    cluster_gram_batch(gram, k, linkage.numba_id, labels)
+    top, bottom = _gram_blocks(metric.cpu())
+    labels = np.empty((top.shape[0], top.shape[2]), dtype=np.int64)
+    cluster_gram_blocks(top.numpy(), bottom.numpy(), k, linkage.numba_id, labels)
     return torch.from_numpy(labels)
 
 
@@ -358,6 +381,7 @@ BACKENDS: dict[str, _Backend] = {
 _CPU_PREFERENCE = ("numba", "fastcluster", "scipy", "torch")
 
 
+@functools.lru_cache(maxsize=None)
 def _installed(backend: str) -> bool:
     spec = BACKENDS[backend]
     if spec.needs_cuda and not torch.cuda.is_available():
@@ -411,6 +435,8 @@ def agglomerative_clustering(
         )
     if bsz == 0:
         return torch.empty(0, t, dtype=torch.long, device=metric.device)
+    if k in (1, t):
+        _check_finite(metric)
     if k == t:
         return torch.arange(t, device=metric.device).repeat(bsz, 1)
     if k == 1:
