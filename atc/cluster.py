@@ -41,6 +41,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import numbers
+import threading
 from dataclasses import dataclass
 from typing import Callable
 
@@ -178,22 +179,32 @@ def _gram_blocks(metric: Tensor) -> tuple[Tensor, Tensor]:
     return top, bottom
 
 
-def _gram(metric: Tensor) -> Tensor:
-    """The full ``(B, T, T)`` float64 cosine-similarity matrix assembled from :func:`_gram_blocks`."""
-    top, bottom = _gram_blocks(metric)
-    h = top.shape[1]
-    g = torch.empty(top.shape[0], top.shape[2], top.shape[2], dtype=top.dtype, device=top.device)
-    g[:, :h] = top
-    g[:, h:, h:] = bottom
-    g[:, h:, :h] = top[:, :, h:].transpose(1, 2)
-    return g
+def _chunk_size(t: int, device: torch.device) -> int:
+    """Samples per chunk for the CPU backends (the same for all of them, so they see identical values)."""
+    return max(2, _CHUNK_BYTES // (t * t * 8)) if device.type == "cpu" else 1 << 30
+
+
+def _fill_distances(metric: Tensor, out: Tensor, inf_diagonal: bool) -> Tensor:
+    """Write ``clamp(1 - cos, 0, 2)`` into ``out`` (B, T, T), a few samples at a time; the diagonal is 0, or
+    +inf for the clustering loops. The lower-left block mirrors the upper-right one (see _gram_blocks)."""
+    bsz, t, _ = metric.shape
+    chunk = _chunk_size(t, metric.device)
+    for start in range(0, bsz, chunk):
+        top, bottom = _gram_blocks(metric[start:start + chunk])
+        h = top.shape[1]
+        part = out[start:start + chunk]
+        part[:, :h] = top
+        part[:, h:, h:] = bottom
+        part[:, h:, :h] = top[:, :, h:].transpose(1, 2)
+    out.neg_().add_(1.0).clamp_(0.0, 2.0)
+    out.diagonal(dim1=1, dim2=2).fill_(float("inf") if inf_diagonal else 0.0)
+    return out
 
 
 def _distance_matrix(metric: Tensor, inf_diagonal: bool) -> Tensor:
-    """``clamp(1 - cos, 0, 2)`` with the diagonal set to 0 (or +inf for the clustering loops)."""
-    d = _gram(metric).neg_().add_(1.0).clamp_(0.0, 2.0)
-    d.diagonal(dim1=1, dim2=2).fill_(float("inf") if inf_diagonal else 0.0)
-    return d
+    bsz, t, _ = metric.shape
+    out = torch.empty(bsz, t, t, dtype=torch.float64, device=metric.device)
+    return _fill_distances(metric, out, inf_diagonal)
 
 
 def cosine_distance(metric: Tensor) -> Tensor:
@@ -231,54 +242,81 @@ def _labels_from_parent(parent: Tensor) -> Tensor:
 # --------------------------------------------------------------------------------------------------------------
 # Backends
 # --------------------------------------------------------------------------------------------------------------
+# CPU backends work on a few samples at a time: buffers of a few MB are recycled by the allocator, whereas a
+# fresh (B, T, T) buffer on every call costs a page fault per 4 KB, which can take longer than the products.
+_CHUNK_BYTES = 4 << 20
+
+_WORKSPACE = threading.local()
+_WORKSPACE_MAX_BYTES = 512 << 20
+
+
+def _workspace(shape: tuple[int, ...], device: torch.device) -> Tensor:
+    """A float64 buffer reused across calls of the same shape on CPU (one per thread, up to 512 MB).
+
+    ViT blocks call the clustering with the same shape again and again; reusing the buffer avoids touching
+    fresh memory (a page fault per 4 KB) every time. CUDA has its own caching allocator.
+    """
+    numel = int(np.prod(shape))
+    if device.type != "cpu" or numel * 8 > _WORKSPACE_MAX_BYTES:
+        return torch.empty(shape, dtype=torch.float64, device=device)
+    buf = getattr(_WORKSPACE, "buffer", None)
+    if buf is None or buf.numel() < numel:
+        buf = torch.empty(numel, dtype=torch.float64)
+        _WORKSPACE.buffer = buf
+    return buf[:numel].view(shape)
+
+
 def _cluster_torch(metric: Tensor, k: int, linkage: Linkage, dense_repair: bool | None = None) -> Tensor:
     """Batched nearest-neighbour-list Lance-Williams clustering in torch (one step merges in every sample).
 
-    ``dense_repair`` recomputes nearest neighbours of all rows at every step instead of gathering the rows
-    that need it; that avoids a device sync per step and is the default on CUDA.
+    Same merge rule and arithmetic as the numba backend. ``dense_repair`` recomputes the nearest neighbours
+    of all rows at every step instead of gathering the rows that need it; that avoids a device sync per step
+    and is the default on CUDA.
     """
     device = metric.device
     bsz, t, _ = metric.shape
     if dense_repair is None:
         dense_repair = device.type != "cpu"
-    d = _distance_matrix(metric, inf_diagonal=True)
-    ar = torch.arange(bsz, device=device)
+    d = _fill_distances(metric, _workspace((bsz, t, t), device), inf_diagonal=True)
+    rows2d = d.view(bsz * t, t)
+    flat = d.view(-1)
+    row_base = torch.arange(bsz, device=device) * t
+    # Flat offsets of column 0 of every row: column c of sample s is flat[col_base[s] + c].
+    col_base = (torch.arange(bsz, device=device) * (t * t)).unsqueeze(1) + torch.arange(t, device=device) * t
     cols = torch.arange(t, device=device).expand(bsz, t)
     size = torch.ones(bsz, t, dtype=torch.float64, device=device)
     parent = torch.arange(t, device=device).repeat(bsz, 1)
     nnd, nn = d.min(dim=2)
-    inf = torch.tensor(float("inf"), dtype=torch.float64, device=device)
+    inf = float("inf")
     for _ in range(t - k):
-        i = nnd.argmin(dim=1)
-        j = nn[ar, i]
-        a, b = torch.minimum(i, j), torch.maximum(i, j)
-        n_a, n_b = size[ar, a].unsqueeze(1), size[ar, b].unsqueeze(1)
-        new = linkage.update(d[ar, a], d[ar, b], n_a, n_b)
-        new[ar, a] = inf
-        new[ar, b] = inf
-        d[ar, a] = new
-        d[ar, :, a] = new
-        d[ar, b] = inf
-        d[ar, :, b] = inf
-        size[ar, a] += n_b.squeeze(1)
-        parent[ar, b] = a
-        nnd[ar, b] = inf
-        a_col, b_col = a.unsqueeze(1), b.unsqueeze(1)
-        stale = (nn == a_col) | (nn == b_col) | (cols == a_col)
-        stale &= torch.isfinite(nnd) | (cols == a_col)
-        stale[ar, b] = False
-        better = ((new < nnd) | ((new == nnd) & (a_col < nn))) & ~stale
-        nn = torch.where(better, a_col, nn)
+        i = nnd.argmin(dim=1, keepdim=True)
+        j = nn.gather(1, i)
+        a, b = torch.minimum(i, j), torch.maximum(i, j)  # (B, 1)
+        ra, rb = row_base + a.squeeze(1), row_base + b.squeeze(1)
+        n_a, n_b = size.gather(1, a), size.gather(1, b)
+        new = linkage.update(rows2d.index_select(0, ra), rows2d.index_select(0, rb), n_a, n_b)
+        new.scatter_(1, torch.cat([a, b], 1), inf)
+        rows2d.index_copy_(0, ra, new)
+        flat.index_copy_(0, (col_base + a).view(-1), new.view(-1))
+        rows2d.index_fill_(0, rb, inf)
+        flat.index_fill_(0, (col_base + b).view(-1), inf)
+        size.scatter_add_(1, a, n_b)
+        parent.scatter_(1, b, a)
+        nnd.scatter_(1, b, inf)
+        is_a = cols == a
+        stale = ((nn == a) | (nn == b)) & torch.isfinite(nnd) | is_a
+        better = ((new < nnd) | ((new == nnd) & (a < nn))) & ~stale
+        nn = torch.where(better, a, nn)
         nnd = torch.where(better, new, nnd)
         if dense_repair:
             rd, rn = d.min(dim=2)
             nnd = torch.where(stale, rd, nnd)
             nn = torch.where(stale, rn, nn)
         else:
-            rows = stale.nonzero(as_tuple=True)
-            rd, rn = d[rows].min(dim=1)
-            nnd[rows] = rd
-            nn[rows] = rn
+            idx = stale.view(-1).nonzero().squeeze(1)
+            rd, rn = rows2d.index_select(0, idx).min(dim=1)
+            nnd.view(-1).index_copy_(0, idx, rd)
+            nn.view(-1).index_copy_(0, idx, rn)
     return _labels_from_parent(parent)
 
 
@@ -343,9 +381,13 @@ def _cluster_sklearn(metric: Tensor, k: int, linkage: Linkage) -> Tensor:
 def _cluster_numba(metric: Tensor, k: int, linkage: Linkage) -> Tensor:
     from atc._numba_cluster import cluster_gram_blocks
 
-    top, bottom = _gram_blocks(metric.cpu())
-    labels = np.empty((top.shape[0], top.shape[2]), dtype=np.int64)
-    cluster_gram_blocks(top.numpy(), bottom.numpy(), k, linkage.numba_id, labels)
+    metric = metric.cpu()
+    bsz, t, _ = metric.shape
+    labels = np.empty((bsz, t), dtype=np.int64)
+    chunk = _chunk_size(t, metric.device)
+    for start in range(0, bsz, chunk):
+        top, bottom = _gram_blocks(metric[start:start + chunk])
+        cluster_gram_blocks(top.numpy(), bottom.numpy(), k, linkage.numba_id, labels[start:start + chunk])
     return torch.from_numpy(labels)
 
 

@@ -276,3 +276,20 @@ def test_result_on_metric_device_and_input_untouched():
         out = agglomerative_clustering(metric, 5, "average", backend)
         assert out.device == metric.device
     assert torch.equal(metric, before)
+
+
+def test_backends_agree_across_chunk_boundaries():
+    """CPU backends process a few samples at a time; samples in different chunks must see the same values."""
+    gen = torch.Generator().manual_seed(11)
+    t = 300
+    chunk = cluster._chunk_size(t, torch.device("cpu"))
+    b = 2 * chunk + 1
+    base = torch.randn(b, 60, 8, generator=gen)
+    metric = base[:, torch.randint(0, 60, (t,), generator=gen)]  # exact duplicates everywhere
+    for linkage in LINKAGES:
+        ref = agglomerative_clustering(metric, 50, linkage, "torch")
+        if "numba" in BACKENDS:
+            assert torch.equal(agglomerative_clustering(metric, 50, linkage, "numba"), ref)
+        # The same sample gives the same labels wherever it sits in the batch.
+        single = agglomerative_clustering(metric[-1:], 50, linkage, "torch")
+        assert torch.equal(single[0], ref[-1])
