@@ -3,8 +3,8 @@
 Input is the float64 cosine-similarity matrix that every backend starts from (:func:`atc.cluster._gram_blocks`). The merge rule, tie-breaking and float64 arithmetic are the same as the torch backend in
 :mod:`atc.cluster`, so both return identical labels, even on exact ties.
 
-Per sample the cost is O(T^2) to build distances and initial nearest neighbours, then O(T) per merge plus O(T)
-for each row whose nearest neighbour was one of the two merged clusters (about two per merge).
+Per sample the cost is O(T^2) to build distances and initial nearest neighbours, then O(T) per merge plus half
+a row for each stale row that reaches the front of the queue.
 """
 
 from __future__ import annotations
@@ -66,51 +66,75 @@ def _row_argmin(row: np.ndarray) -> tuple[int, float]:
     return arg, best
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _tail_argmin(row: np.ndarray, start: int) -> tuple[int, float]:
+    """First index of the minimum of ``row[start:]`` (``(start, inf)`` when empty or all +inf)."""
+    if start >= row.shape[0]:
+        return start, np.inf
+    arg, best = _row_argmin(row[start:])
+    return start + arg, best
+
+
 @njit(cache=True, nogil=True)
 def _cluster_one(d: np.ndarray, num_clusters: int, linkage: int, labels: np.ndarray) -> None:
-    """Cluster one sample. ``d`` (T, T): distances with +inf on the diagonal, used as the working matrix."""
+    """Cluster one sample in place. ``d`` (T, T): distances in the strict upper triangle (pair ``i < j`` at
+    ``d[i, j]``); the lower triangle is never read.
+
+    Row ``i`` keeps the nearest neighbour among higher indices only (``nn[i] > i``), as in Müllner's
+    generic algorithm, so repairs rescan half a row on average; merged-away columns are set to +inf. A row is
+    marked stale instead of being rescanned at once: reducible linkages (single, complete, average) never bring
+    a merged cluster closer than the nearer of its parts, so the old ``nnd`` stays a lower bound, and the row
+    is rescanned only if it reaches the front. The merges are exactly the global-minimum merges with the
+    lexicographic tie rule (see atc.cluster).
+    """
     t = d.shape[0]
     nn = np.empty(t, dtype=np.int64)
     nnd = np.empty(t, dtype=np.float64)
     for i in range(t):
-        nn[i], nnd[i] = _row_argmin(d[i])
+        nn[i], nnd[i] = _tail_argmin(d[i], i + 1)
     active = np.ones(t, dtype=np.bool_)
+    stale = np.zeros(t, dtype=np.bool_)
     size = np.ones(t, dtype=np.float64)
     parent = np.arange(t)
-    merged = np.empty(t, dtype=np.float64)
     for _ in range(t - num_clusters):
-        # Smallest distance; ties -> smallest row, and nn[row] is the smallest column at that distance.
-        i = _row_argmin(nnd)[0]
-        j = nn[i]
-        a, b = (i, j) if i < j else (j, i)
+        while True:
+            a = _row_argmin(nnd)[0]
+            if not stale[a]:
+                break
+            nn[a], nnd[a] = _tail_argmin(d[a], a + 1)
+            stale[a] = False
+        b = nn[a]  # a < b
+        height = nnd[a]
         n_a, n_b = size[a], size[b]
+        for k in range(a):  # pairs (k, a) and (k, b) live in row k
+            if active[k]:
+                v = _lance_williams(linkage, d[k, a], d[k, b], n_a, n_b)
+                d[k, a] = v
+                d[k, b] = np.inf
+                if not stale[k]:
+                    if nn[k] == a or nn[k] == b:
+                        stale[k] = True
+                    elif v < nnd[k] or (v == nnd[k] and a < nn[k]):
+                        nn[k] = a
+                        nnd[k] = v
         row_a, row_b = d[a], d[b]
-        # Merged-away columns hold +inf in both rows, and every linkage maps (inf, inf) to inf. The update
-        # goes through a separate buffer so this loop vectorises; the column writes follow.
-        for k in range(t):
-            merged[k] = _lance_williams(linkage, row_a[k], row_b[k], n_a, n_b)
-        merged[a] = np.inf
-        merged[b] = np.inf
-        for k in range(t):
-            v = merged[k]
-            row_a[k] = v
-            d[k, a] = v
-            row_b[k] = np.inf
-            d[k, b] = np.inf
+        for k in range(a + 1, b):  # pair (a, k) in row a, pair (k, b) in row k
+            if active[k]:
+                row_a[k] = _lance_williams(linkage, row_a[k], d[k, b], n_a, n_b)
+                d[k, b] = np.inf
+                if nn[k] == b:
+                    stale[k] = True
+        for k in range(b + 1, t):  # both pairs in rows a and b; merged-away columns are +inf in both
+            row_a[k] = _lance_williams(linkage, row_a[k], row_b[k], n_a, n_b)
+        row_a[b] = np.inf
         active[b] = False
         nnd[b] = np.inf
+        stale[b] = False
+        # Every remaining pair is at least the merge height, so it bounds the merged cluster's new row.
+        stale[a] = True
+        nnd[a] = height
         size[a] = n_a + n_b
         parent[b] = a
-        for k in range(t):
-            if not active[k]:
-                continue
-            if k == a or nn[k] == a or nn[k] == b:
-                nn[k], nnd[k] = _row_argmin(d[k])
-            else:
-                v = merged[k]
-                if v < nnd[k] or (v == nnd[k] and a < nn[k]):
-                    nn[k] = a
-                    nnd[k] = v
     # parent[x] < x, so one increasing pass resolves roots; clusters are numbered by their smallest token.
     next_id = 0
     for x in range(t):
@@ -123,7 +147,7 @@ def _cluster_one(d: np.ndarray, num_clusters: int, linkage: int, labels: np.ndar
 
 @njit(cache=True, nogil=True, inline="always")
 def _distance(g: float) -> float:
-    # Same expression and clamping as atc.cluster._distance_matrix.
+    # Same expression and clamping as atc.cluster._fill_distances.
     v = 1.0 - g
     return 0.0 if v < 0.0 else (2.0 if v > 2.0 else v)
 
@@ -133,19 +157,15 @@ def cluster_gram_blocks(top: np.ndarray, bottom: np.ndarray, num_clusters: int, 
                         labels: np.ndarray) -> None:
     """Cluster every sample from its cosine similarities given as two blocks (see ``atc.cluster._gram_blocks``):
     ``top`` (B, h, T) = rows ``[0, h)`` against all tokens, ``bottom`` (B, T-h, T-h) = rows and columns
-    ``[h, T)``. The lower-left block is the transpose of ``top[:, :, h:]``. Writes ``labels`` (B, T)."""
+    ``[h, T)``. Only their upper triangles are read. Writes ``labels`` (B, T)."""
     bsz, h, t = top.shape
     for b in prange(bsz):
         d = np.empty((t, t))
         tb, bb = top[b], bottom[b]
         for i in range(h):
-            for k in range(t):
+            for k in range(i + 1, t):
                 d[i, k] = _distance(tb[i, k])
         for i in range(h, t):
-            for k in range(h):
-                d[i, k] = d[k, i]
-            for k in range(h, t):
+            for k in range(i + 1, t):
                 d[i, k] = _distance(bb[i - h, k - h])
-        for i in range(t):
-            d[i, i] = np.inf
         _cluster_one(d, num_clusters, linkage, labels[b])

@@ -196,6 +196,11 @@ def _fill_distances(metric: Tensor, out: Tensor, inf_diagonal: bool) -> Tensor:
         part[:, :h] = top
         part[:, h:, h:] = bottom
         part[:, h:, :h] = top[:, :, h:].transpose(1, 2)
+        # Mirror the diagonal blocks too: the whole matrix is the exact mirror of its upper triangle, which
+        # is all the numba backend reads, so every backend sees the same value for a pair either way round.
+        for block in (part[:, :h, :h], part[:, h:, h:]):
+            upper = torch.ones(block.shape[1], block.shape[1], dtype=torch.bool, device=block.device).triu()
+            block.copy_(torch.where(upper, block, block.transpose(1, 2)))
     out.neg_().add_(1.0).clamp_(0.0, 2.0)
     out.diagonal(dim1=1, dim2=2).fill_(float("inf") if inf_diagonal else 0.0)
     return out
