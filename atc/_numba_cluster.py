@@ -92,42 +92,49 @@ def _cluster_one(d: np.ndarray, num_clusters: int, linkage: int, labels: np.ndar
     nnd = np.empty(t, dtype=np.float64)
     for i in range(t):
         nn[i], nnd[i] = _tail_argmin(d[i], i + 1)
-    active = np.ones(t, dtype=np.bool_)
     stale = np.zeros(t, dtype=np.bool_)
     size = np.ones(t, dtype=np.float64)
     parent = np.arange(t)
     for _ in range(t - num_clusters):
-        while True:
-            a = _row_argmin(nnd)[0]
-            if not stale[a]:
-                break
-            nn[a], nnd[a] = _tail_argmin(d[a], a + 1)
-            stale[a] = False
+        # One pass: a stale row is rescanned only if its lower bound beats the best exact value so far
+        # (rows after the winner with an equal value lose the tie, so bounds >= the best can be skipped).
+        height = np.inf
+        a = 0
+        for r in range(t):
+            if nnd[r] < height:
+                if stale[r]:
+                    nn[r], nnd[r] = _tail_argmin(d[r], r + 1)
+                    stale[r] = False
+                    if nnd[r] < height:
+                        height = nnd[r]
+                        a = r
+                else:
+                    height = nnd[r]
+                    a = r
         b = nn[a]  # a < b
-        height = nnd[a]
         n_a, n_b = size[a], size[b]
+        # Rows of merged-away clusters are all +inf, and every linkage maps (inf, inf) to inf, so these loops
+        # need no branch on whether k is still active (an unpredictable branch costs more than the work).
         for k in range(a):  # pairs (k, a) and (k, b) live in row k
-            if active[k]:
-                v = _lance_williams(linkage, d[k, a], d[k, b], n_a, n_b)
-                d[k, a] = v
-                d[k, b] = np.inf
-                if not stale[k]:
-                    if nn[k] == a or nn[k] == b:
-                        stale[k] = True
-                    elif v < nnd[k] or (v == nnd[k] and a < nn[k]):
-                        nn[k] = a
-                        nnd[k] = v
+            v = _lance_williams(linkage, d[k, a], d[k, b], n_a, n_b)
+            d[k, a] = v
+            d[k, b] = np.inf
+            nk = nn[k]
+            if nk == a or nk == b:
+                stale[k] = True
+            elif (v < nnd[k] or (v == nnd[k] and a < nk)) and not stale[k]:
+                nn[k] = a
+                nnd[k] = v
         row_a, row_b = d[a], d[b]
         for k in range(a + 1, b):  # pair (a, k) in row a, pair (k, b) in row k
-            if active[k]:
-                row_a[k] = _lance_williams(linkage, row_a[k], d[k, b], n_a, n_b)
-                d[k, b] = np.inf
-                if nn[k] == b:
-                    stale[k] = True
-        for k in range(b + 1, t):  # both pairs in rows a and b; merged-away columns are +inf in both
+            row_a[k] = _lance_williams(linkage, row_a[k], d[k, b], n_a, n_b)
+            d[k, b] = np.inf
+            if nn[k] == b:
+                stale[k] = True
+        for k in range(b + 1, t):  # both pairs in rows a and b
             row_a[k] = _lance_williams(linkage, row_a[k], row_b[k], n_a, n_b)
+            row_b[k] = np.inf
         row_a[b] = np.inf
-        active[b] = False
         nnd[b] = np.inf
         stale[b] = False
         # Every remaining pair is at least the merge height, so it bounds the merged cluster's new row.
@@ -152,6 +159,20 @@ def _distance(g: float) -> float:
     return 0.0 if v < 0.0 else (2.0 if v > 2.0 else v)
 
 
+@njit(cache=True, nogil=True)
+def _cluster_sample(tb: np.ndarray, bb: np.ndarray, d: np.ndarray, num_clusters: int, linkage: int,
+                    labels: np.ndarray) -> None:
+    """One sample: fill the upper triangle of the working matrix ``d`` from its two Gram blocks, cluster."""
+    h, t = tb.shape
+    for i in range(h):
+        for k in range(i + 1, t):
+            d[i, k] = _distance(tb[i, k])
+    for i in range(h, t):
+        for k in range(i + 1, t):
+            d[i, k] = _distance(bb[i - h, k - h])
+    _cluster_one(d, num_clusters, linkage, labels)
+
+
 @njit(cache=True, parallel=True)
 def cluster_gram_blocks(top: np.ndarray, bottom: np.ndarray, num_clusters: int, linkage: int,
                         labels: np.ndarray) -> None:
@@ -160,12 +181,4 @@ def cluster_gram_blocks(top: np.ndarray, bottom: np.ndarray, num_clusters: int, 
     ``[h, T)``. Only their upper triangles are read. Writes ``labels`` (B, T)."""
     bsz, h, t = top.shape
     for b in prange(bsz):
-        d = np.empty((t, t))
-        tb, bb = top[b], bottom[b]
-        for i in range(h):
-            for k in range(i + 1, t):
-                d[i, k] = _distance(tb[i, k])
-        for i in range(h, t):
-            for k in range(i + 1, t):
-                d[i, k] = _distance(bb[i - h, k - h])
-        _cluster_one(d, num_clusters, linkage, labels[b])
+        _cluster_sample(top[b], bottom[b], np.empty((t, t)), num_clusters, linkage, labels[b])
