@@ -304,7 +304,7 @@ def _cluster_torch(metric: Tensor, k: int, linkage: Linkage, dense_repair: bool 
         new.scatter_(1, torch.cat([a, b], 1), inf)
         rows2d.index_copy_(0, ra, new)
         flat.index_copy_(0, (col_base + a).view(-1), new.view(-1))
-        rows2d.index_fill_(0, rb, inf)
+        # Row b is never read again (b is no longer active); its column must read +inf for everyone else.
         flat.index_fill_(0, (col_base + b).view(-1), inf)
         size.scatter_add_(1, a, n_b)
         parent.scatter_(1, b, a)
