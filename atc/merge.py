@@ -146,6 +146,20 @@ def identity_merge(batch_size: int, num_tokens: int, device: torch.device | str 
     return Merge(init_token_map(batch_size, num_tokens, device), num_tokens)
 
 
+def _nearest_centre(dist: Tensor, centres: Tensor, own_cluster: bool = False) -> Tensor:
+    """Index (into ``centres (B, K)``) of the nearest centre of every token, from distances ``(B, n, n)``.
+
+    With ``own_cluster`` each centre is forced into its own cluster (even if it coincides with another
+    centre), so every cluster is non-empty.
+    """
+    n = dist.shape[-1]
+    assign = dist.gather(1, centres.unsqueeze(-1).expand(-1, -1, n)).argmin(dim=1)
+    if own_cluster:
+        k = centres.shape[1]
+        assign.scatter_(1, centres, torch.arange(k, device=dist.device).expand(centres.shape[0], k))
+    return assign
+
+
 def _normalize(metric: Tensor) -> Tensor:
     return F.normalize(metric, dim=-1, eps=1e-12)
 
@@ -232,7 +246,7 @@ def kmedoids(
         medoids = weights[:, protected_tokens:].float().topk(k, dim=1).indices.sort(dim=1).values
     dist = torch.cdist(x, x)
     for _ in range(iters):
-        assign = dist.gather(1, medoids.unsqueeze(-1).expand(-1, -1, n)).argmin(dim=1)  # (B, n)
+        assign = _nearest_centre(dist, medoids)
         same = assign.unsqueeze(1) == assign.unsqueeze(2)  # (B, n, n) same cluster
         cost = torch.where(same, dist, torch.zeros((), device=x.device)).sum(dim=2)
         # Per cluster, the member with the lowest total distance becomes the medoid.
@@ -244,9 +258,7 @@ def kmedoids(
         new_medoids = torch.full((bsz, k), n, device=x.device, dtype=torch.long)
         new_medoids.scatter_reduce_(1, assign, candidate, reduce="amin")
         medoids = torch.where(new_medoids < n, new_medoids, medoids)
-    assign = dist.gather(1, medoids.unsqueeze(-1).expand(-1, -1, n)).argmin(dim=1)
-    # Force every medoid into its own cluster so each slot is non-empty and represented by its medoid.
-    assign.scatter_(1, medoids, torch.arange(k, device=x.device).expand(bsz, k))
+    assign = _nearest_centre(dist, medoids, own_cluster=True)
     labels = canonical_labels(assign)
     slot_of_medoid = labels.gather(1, medoids)
     select = torch.empty_like(medoids)
@@ -280,8 +292,7 @@ def dpc_knn(metric: Tensor, r: int, protected_tokens: int = 1, *, k: int = 5, **
     delta = torch.where(denser, dist, dist_max).min(dim=-1).values
     score = delta * density
     centres = score.topk(num_clusters, dim=-1).indices
-    assign = dist.gather(1, centres.unsqueeze(-1).expand(-1, -1, n)).argmin(dim=1)
-    assign.scatter_(1, centres, torch.arange(num_clusters, device=x.device).expand(bsz, num_clusters))
+    assign = _nearest_centre(dist, centres, own_cluster=True)
     return Merge(_with_prefix(canonical_labels(assign), protected_tokens), t - r)
 
 
