@@ -160,25 +160,29 @@ def _distance(g: float) -> float:
 
 
 @njit(cache=True, nogil=True)
-def _cluster_sample(tb: np.ndarray, bb: np.ndarray, d: np.ndarray, num_clusters: int, linkage: int,
-                    labels: np.ndarray) -> None:
-    """One sample: fill the upper triangle of the working matrix ``d`` from its two Gram blocks, cluster."""
-    h, t = tb.shape
-    for i in range(h):
-        for k in range(i + 1, t):
-            d[i, k] = _distance(tb[i, k])
-    for i in range(h, t):
-        for k in range(i + 1, t):
-            d[i, k] = _distance(bb[i - h, k - h])
+def _cluster_sample(flat: np.ndarray, bounds: np.ndarray, bsz: int, b: int, d: np.ndarray, num_clusters: int,
+                    linkage: int, labels: np.ndarray) -> None:
+    """Sample ``b`` of the packed Gram blocks: fill the upper triangle of ``d`` with distances, cluster."""
+    t = d.shape[0]
+    offset = 0
+    for r in range(bounds.shape[0]):
+        s, e = bounds[r, 0], bounds[r, 1]
+        width = t - s
+        base = offset + b * (e - s) * width
+        for i in range(s, e):
+            row = base + (i - s) * width - s
+            for k in range(i + 1, t):
+                d[i, k] = _distance(flat[row + k])
+        offset += bsz * (e - s) * width
     _cluster_one(d, num_clusters, linkage, labels)
 
 
 @njit(cache=True, parallel=True)
-def cluster_gram_blocks(top: np.ndarray, bottom: np.ndarray, num_clusters: int, linkage: int,
+def cluster_gram_blocks(flat: np.ndarray, bounds: np.ndarray, num_clusters: int, linkage: int,
                         labels: np.ndarray) -> None:
-    """Cluster every sample from its cosine similarities given as two blocks (see ``atc.cluster._gram_blocks``):
-    ``top`` (B, h, T) = rows ``[0, h)`` against all tokens, ``bottom`` (B, T-h, T-h) = rows and columns
-    ``[h, T)``. Only their upper triangles are read. Writes ``labels`` (B, T)."""
-    bsz, h, t = top.shape
+    """Cluster every sample from its packed cosine-similarity blocks (see ``atc.cluster._gram_blocks``):
+    block ``r`` covers rows ``bounds[r, 0] <= i < bounds[r, 1]`` against tokens ``k >= bounds[r, 0]`` and is
+    stored as (B, rows, T - start). Only the upper triangle is read. Writes ``labels`` (B, T)."""
+    bsz, t = labels.shape
     for b in prange(bsz):
-        _cluster_sample(top[b], bottom[b], np.empty((t, t)), num_clusters, linkage, labels[b])
+        _cluster_sample(flat, bounds, bsz, b, np.empty((t, t)), num_clusters, linkage, labels[b])

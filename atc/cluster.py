@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import math
 import numbers
 import threading
 from dataclasses import dataclass
@@ -150,33 +151,82 @@ def _check_finite(values: Tensor) -> None:
         raise ValueError("metric contains NaN or infinite values")
 
 
+_WORKSPACE = threading.local()
+_WORKSPACE_MAX_BYTES = 512 << 20
+
+
+def _workspace(name: str, shape: tuple[int, ...], device: torch.device) -> Tensor:
+    """A float64 buffer reused across calls on CPU (one per name and thread, grown as needed, up to 512 MB).
+
+    ViT blocks cluster tensors of the same shape again and again; writing into fresh memory each time costs
+    a page fault per 4 KB, which is more than the arithmetic. CUDA has its own caching allocator.
+    """
+    numel = math.prod(shape)
+    if device.type != "cpu" or numel * 8 > _WORKSPACE_MAX_BYTES:
+        return torch.empty(shape, dtype=torch.float64, device=device)
+    buffers = _WORKSPACE.__dict__.setdefault("buffers", {})
+    buf = buffers.get(name)
+    if buf is None or buf.numel() < numel:
+        buf = buffers[name] = torch.empty(numel, dtype=torch.float64)
+    return buf[:numel].view(shape)
+
+
 def _unit_rows(metric: Tensor) -> Tensor:
-    """L2-normalise tokens in float64; zero-norm tokens stay zero (cosine similarity 0 with everything)."""
-    m = metric.detach().to(torch.float64)
+    """L2-normalise tokens in float64; zero-norm tokens stay zero (cosine similarity 0 with everything).
+
+    The result lives in a reused workspace (see :func:`_workspace`): consume it before the next call.
+    """
+    m = _workspace("unit", tuple(metric.shape), metric.device)
+    m.copy_(metric.detach())
     tiny = torch.finfo(torch.float64).tiny
     if metric.dtype == torch.float64:
         # Squares of float64 values can over/underflow: scale by the largest magnitude first. Narrower
         # dtypes cannot once converted to float64.
         scale = m.abs().amax(dim=-1, keepdim=True)
         _check_finite(scale)  # NaN and inf propagate to the row maximum: a (B, T) check instead of (B, T, C)
-        m = m / scale.clamp_min(tiny)
+        m.div_(scale.clamp_min_(tiny))
     norm = torch.linalg.vector_norm(m, dim=-1, keepdim=True)
     _check_finite(norm)  # finite narrower values cannot overflow a float64 norm
-    return m / norm.clamp_min(tiny)
+    return m.div_(norm.clamp_min_(tiny))
 
 
-def _gram_blocks(metric: Tensor) -> tuple[Tensor, Tensor]:
-    """Cosine similarities in float64 as two blocks: ``top`` (B, h, T) = rows ``[0, h)`` against every token
-    and ``bottom`` (B, T-h, T-h) = rows and columns ``[h, T)``, with ``h = T // 2``.
+def _block_bounds(t: int) -> list[tuple[int, int]]:
+    """Row blocks ``[s, e)`` of the Gram matrix; block ``[s, e)`` is computed against columns ``[s, T)`` only."""
+    nb = 4 if t >= 32 else 1
+    cuts = [round(t * i / nb) for i in range(nb + 1)]
+    return list(zip(cuts[:-1], cuts[1:]))
 
-    The missing lower-left block is the transpose of ``top[:, :, h:]``, so a quarter of the products is never
-    computed. These are the values every backend starts from (see :func:`_gram`).
+
+def _gram_blocks(metric: Tensor) -> tuple[Tensor, list[tuple[int, int]]]:
+    """Float64 cosine similarities of the upper block triangle, packed in one flat buffer.
+
+    For each row block ``[s, e)`` of :func:`_block_bounds`, the products of rows ``[s, e)`` with tokens
+    ``[s, T)`` are stored contiguously as ``(B, e - s, T - s)``; blocks below the diagonal are never computed
+    (with 4 blocks that saves 3/8 of the products). The buffer is a reused workspace: consume it before the
+    next call. These are the values every backend starts from.
+
+    Returns the flat buffer and the block bounds.
     """
     m = _unit_rows(metric)
-    h = m.shape[1] // 2
-    top = torch.bmm(m[:, :h], m.transpose(1, 2))
-    bottom = torch.bmm(m[:, h:], m[:, h:].transpose(1, 2))
-    return top, bottom
+    bsz, t, _ = m.shape
+    bounds = _block_bounds(t)
+    total = sum(bsz * (e - s) * (t - s) for s, e in bounds)
+    flat = _workspace("gram", (total,), m.device)
+    offset = 0
+    for s, e in bounds:
+        size = bsz * (e - s) * (t - s)
+        torch.bmm(m[:, s:e], m[:, s:].transpose(1, 2), out=flat[offset:offset + size].view(bsz, e - s, t - s))
+        offset += size
+    return flat, bounds
+
+
+def _block_views(flat: Tensor, bounds: list[tuple[int, int]], bsz: int, t: int) -> list[Tensor]:
+    views, offset = [], 0
+    for s, e in bounds:
+        size = bsz * (e - s) * (t - s)
+        views.append(flat[offset:offset + size].view(bsz, e - s, t - s))
+        offset += size
+    return views
 
 
 def _chunk_size(t: int, device: torch.device) -> int:
@@ -187,21 +237,19 @@ def _chunk_size(t: int, device: torch.device) -> int:
 
 def _fill_distances(metric: Tensor, out: Tensor, inf_diagonal: bool) -> Tensor:
     """Write ``clamp(1 - cos, 0, 2)`` into ``out`` (B, T, T), a few samples at a time; the diagonal is 0, or
-    +inf for the clustering loops. The lower-left block mirrors the upper-right one (see _gram_blocks)."""
+    +inf for the clustering loops. The matrix is the exact mirror of its upper triangle, which is all the
+    numba backend reads, so every backend sees the same value for a pair either way round."""
     bsz, t, _ = metric.shape
     chunk = _chunk_size(t, metric.device)
     for start in range(0, bsz, chunk):
-        top, bottom = _gram_blocks(metric[start:start + chunk])
-        h = top.shape[1]
         part = out[start:start + chunk]
-        part[:, :h] = top
-        part[:, h:, h:] = bottom
-        part[:, h:, :h] = top[:, :, h:].transpose(1, 2)
-        # Mirror the diagonal blocks too: the whole matrix is the exact mirror of its upper triangle, which
-        # is all the numba backend reads, so every backend sees the same value for a pair either way round.
-        for block in (part[:, :h, :h], part[:, h:, h:]):
-            upper = torch.ones(block.shape[1], block.shape[1], dtype=torch.bool, device=block.device).triu()
-            block.copy_(torch.where(upper, block, block.transpose(1, 2)))
+        flat, bounds = _gram_blocks(metric[start:start + chunk])
+        for (s, e), block in zip(bounds, _block_views(flat, bounds, part.shape[0], t)):
+            part[:, s:e, s:] = block
+            part[:, e:, s:e] = block[:, :, e - s:].transpose(1, 2)
+            square = part[:, s:e, s:e]
+            upper = torch.ones(e - s, e - s, dtype=torch.bool, device=out.device).triu()
+            square.copy_(torch.where(upper, square, square.transpose(1, 2)))
     out.neg_().add_(1.0).clamp_(0.0, 2.0)
     out.diagonal(dim1=1, dim2=2).fill_(float("inf") if inf_diagonal else 0.0)
     return out
@@ -218,7 +266,8 @@ def cosine_distance(metric: Tensor) -> Tensor:
 
     Values lie in ``[0, 2]`` with a zero diagonal; a zero-norm token is at distance 1 from every other token.
     """
-    return _distance_matrix(_check_metric(metric), inf_diagonal=False)
+    with torch.no_grad():
+        return _distance_matrix(_check_metric(metric), inf_diagonal=False)
 
 
 def canonical_labels(labels: Tensor) -> Tensor:
@@ -248,29 +297,8 @@ def _labels_from_parent(parent: Tensor) -> Tensor:
 # --------------------------------------------------------------------------------------------------------------
 # Backends
 # --------------------------------------------------------------------------------------------------------------
-# CPU backends work on a few samples at a time: buffers of a few MB are recycled by the allocator, whereas a
-# fresh (B, T, T) buffer on every call costs a page fault per 4 KB, which can take longer than the products.
-_CHUNK_BYTES = 4 << 20
-
-_WORKSPACE = threading.local()
-_WORKSPACE_MAX_BYTES = 512 << 20
-
-
-def _workspace(shape: tuple[int, ...], device: torch.device) -> Tensor:
-    """A float64 buffer reused across calls of the same shape on CPU (one per thread, up to 512 MB).
-
-    ViT blocks call the clustering with the same shape again and again; reusing the buffer avoids touching
-    fresh memory (a page fault per 4 KB) every time. CUDA has its own caching allocator.
-    """
-    numel = int(np.prod(shape))
-    if device.type != "cpu" or numel * 8 > _WORKSPACE_MAX_BYTES:
-        return torch.empty(shape, dtype=torch.float64, device=device)
-    buf = getattr(_WORKSPACE, "buffer", None)
-    if buf is None or buf.numel() < numel:
-        buf = torch.empty(numel, dtype=torch.float64)
-        _WORKSPACE.buffer = buf
-    return buf[:numel].view(shape)
-
+# CPU backends work on chunks of samples whose Gram blocks fit in a reused workspace of about this size.
+_CHUNK_BYTES = 64 << 20
 
 def _cluster_torch(metric: Tensor, k: int, linkage: Linkage, dense_repair: bool | None = None) -> Tensor:
     """Batched nearest-neighbour-list Lance-Williams clustering in torch (one step merges in every sample).
@@ -283,7 +311,7 @@ def _cluster_torch(metric: Tensor, k: int, linkage: Linkage, dense_repair: bool 
     bsz, t, _ = metric.shape
     if dense_repair is None:
         dense_repair = device.type != "cpu"
-    d = _fill_distances(metric, _workspace((bsz, t, t), device), inf_diagonal=True)
+    d = _fill_distances(metric, _workspace("distances", (bsz, t, t), device), inf_diagonal=True)
     rows2d = d.view(bsz * t, t)
     flat = d.view(-1)
     row_base = torch.arange(bsz, device=device) * t
@@ -392,8 +420,9 @@ def _cluster_numba(metric: Tensor, k: int, linkage: Linkage) -> Tensor:
     labels = np.empty((bsz, t), dtype=np.int64)
     chunk = _chunk_size(t, metric.device)
     for start in range(0, bsz, chunk):
-        top, bottom = _gram_blocks(metric[start:start + chunk])
-        cluster_gram_blocks(top.numpy(), bottom.numpy(), k, linkage.numba_id, labels[start:start + chunk])
+        flat, bounds = _gram_blocks(metric[start:start + chunk])
+        cluster_gram_blocks(flat.numpy(), np.asarray(bounds, dtype=np.int64), k, linkage.numba_id,
+                            labels[start:start + chunk])
     return torch.from_numpy(labels)
 
 
@@ -489,5 +518,6 @@ def agglomerative_clustering(
         return torch.arange(t, device=metric.device).repeat(bsz, 1)
     if k == 1:
         return torch.zeros(bsz, t, dtype=torch.long, device=metric.device)
-    labels = BACKENDS[name].run(metric, k, link)
+    with torch.no_grad():
+        labels = BACKENDS[name].run(metric, k, link)
     return labels.to(metric.device)

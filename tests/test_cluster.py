@@ -278,8 +278,9 @@ def test_result_on_metric_device_and_input_untouched():
     assert torch.equal(metric, before)
 
 
-def test_backends_agree_across_chunk_boundaries():
-    """CPU backends process a few samples at a time; samples in different chunks must see the same values."""
+def test_backends_agree_across_chunk_boundaries(monkeypatch):
+    """CPU backends process chunks of samples; samples in different chunks must see the same values."""
+    monkeypatch.setattr(cluster, "_CHUNK_BYTES", 1 << 20)
     gen = torch.Generator().manual_seed(11)
     t = 300
     chunk = cluster._chunk_size(t, torch.device("cpu"))
