@@ -15,7 +15,7 @@ from numba import njit, prange
 SINGLE, COMPLETE, AVERAGE = 0, 1, 2
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, inline="always", error_model="numpy")
 def _lance_williams(linkage: int, d_ak: float, d_bk: float, n_a: float, n_b: float) -> float:
     if linkage == SINGLE:
         return min(d_ak, d_bk)
@@ -24,7 +24,7 @@ def _lance_williams(linkage: int, d_ak: float, d_bk: float, n_a: float, n_b: flo
     return (n_a * d_ak + n_b * d_bk) / (n_a + n_b)
 
 
-@njit(cache=True, nogil=True, inline="always")
+@njit(cache=True, nogil=True, inline="always", error_model="numpy")
 def _row_argmin(row: np.ndarray) -> tuple[int, float]:
     """First index of the minimum (merged-away clusters and the diagonal hold +inf, so they never win).
 
@@ -66,7 +66,7 @@ def _row_argmin(row: np.ndarray) -> tuple[int, float]:
     return arg, best
 
 
-@njit(cache=True, nogil=True, inline="always")
+@njit(cache=True, nogil=True, inline="always", error_model="numpy")
 def _tail_argmin(row: np.ndarray, start: int) -> tuple[int, float]:
     """First index of the minimum of ``row[start:]`` (``(start, inf)`` when empty or all +inf)."""
     if start >= row.shape[0]:
@@ -75,7 +75,7 @@ def _tail_argmin(row: np.ndarray, start: int) -> tuple[int, float]:
     return start + arg, best
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def _cluster_one(d: np.ndarray, num_clusters: int, linkage: int, labels: np.ndarray) -> None:
     """Cluster one sample in place. ``d`` (T, T): distances in the strict upper triangle (pair ``i < j`` at
     ``d[i, j]``); the lower triangle is never read.
@@ -152,14 +152,14 @@ def _cluster_one(d: np.ndarray, num_clusters: int, linkage: int, labels: np.ndar
             labels[x] = labels[parent[x]]
 
 
-@njit(cache=True, nogil=True, inline="always")
+@njit(cache=True, nogil=True, inline="always", error_model="numpy")
 def _distance(g: float) -> float:
     # Same expression and clamping as atc.cluster._fill_distances.
     v = 1.0 - g
     return 0.0 if v < 0.0 else (2.0 if v > 2.0 else v)
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def _cluster_sample(flat: np.ndarray, bounds: np.ndarray, bsz: int, b: int, d: np.ndarray, num_clusters: int,
                     linkage: int, labels: np.ndarray) -> None:
     """Sample ``b`` of the packed Gram blocks: fill the upper triangle of ``d`` with distances, cluster."""
@@ -177,12 +177,18 @@ def _cluster_sample(flat: np.ndarray, bounds: np.ndarray, bsz: int, b: int, d: n
     _cluster_one(d, num_clusters, linkage, labels)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, error_model="numpy")
 def cluster_gram_blocks(flat: np.ndarray, bounds: np.ndarray, num_clusters: int, linkage: int,
-                        labels: np.ndarray) -> None:
+                        labels: np.ndarray, workers: int) -> None:
     """Cluster every sample from its packed cosine-similarity blocks (see ``atc.cluster._gram_blocks``):
     block ``r`` covers rows ``bounds[r, 0] <= i < bounds[r, 1]`` against tokens ``k >= bounds[r, 0]`` and is
-    stored as (B, rows, T - start). Only the upper triangle is read. Writes ``labels`` (B, T)."""
+    stored as (B, rows, T - start). Only the upper triangle is read. Writes ``labels`` (B, T).
+
+    ``workers`` (the thread count) tasks each take every ``workers``-th sample and reuse one working matrix.
+    """
     bsz, t = labels.shape
-    for b in prange(bsz):
-        _cluster_sample(flat, bounds, bsz, b, np.empty((t, t)), num_clusters, linkage, labels[b])
+    workers = max(1, min(workers, bsz))
+    for w in prange(workers):
+        d = np.empty((t, t))
+        for b in range(w, bsz, workers):
+            _cluster_sample(flat, bounds, bsz, b, d, num_clusters, linkage, labels[b])

@@ -413,6 +413,8 @@ def _cluster_sklearn(metric: Tensor, k: int, linkage: Linkage) -> Tensor:
 
 
 def _cluster_numba(metric: Tensor, k: int, linkage: Linkage) -> Tensor:
+    import numba
+
     from atc._numba_cluster import cluster_gram_blocks
 
     metric = metric.cpu()
@@ -422,7 +424,7 @@ def _cluster_numba(metric: Tensor, k: int, linkage: Linkage) -> Tensor:
     for start in range(0, bsz, chunk):
         flat, bounds = _gram_blocks(metric[start:start + chunk])
         cluster_gram_blocks(flat.numpy(), np.asarray(bounds, dtype=np.int64), k, linkage.numba_id,
-                            labels[start:start + chunk])
+                            labels[start:start + chunk], numba.get_num_threads())
     return torch.from_numpy(labels)
 
 
