@@ -229,10 +229,17 @@ def _block_views(flat: Tensor, bounds: list[tuple[int, int]], bsz: int, t: int) 
     return views
 
 
-def _chunk_size(t: int, device: torch.device) -> int:
-    """Samples per chunk for the CPU backends (the same for all of them, so they see identical values)."""
-    # An even count keeps both halves of the two-thread pool equally busy.
-    return max(2, _CHUNK_BYTES // (t * t * 8) // 2 * 2) if device.type == "cpu" else 1 << 30
+def _chunk_size(bsz: int, t: int, device: torch.device) -> int:
+    """Samples per chunk for the CPU backends (the same for all of them, so they see identical values).
+
+    Chunks of about _CHUNK_BYTES keep the Gram blocks in cache between their computation and the
+    clustering; equal, even-sized chunks keep both halves of the two-thread pool busy.
+    """
+    if device.type != "cpu":
+        return max(bsz, 1)
+    chunks = max(1, math.ceil(bsz * t * t * 8 / _CHUNK_BYTES))
+    size = math.ceil(bsz / chunks)
+    return max(2, size + size % 2)
 
 
 def _fill_distances(metric: Tensor, out: Tensor, inf_diagonal: bool) -> Tensor:
@@ -240,7 +247,7 @@ def _fill_distances(metric: Tensor, out: Tensor, inf_diagonal: bool) -> Tensor:
     +inf for the clustering loops. The matrix is the exact mirror of its upper triangle, which is all the
     numba backend reads, so every backend sees the same value for a pair either way round."""
     bsz, t, _ = metric.shape
-    chunk = _chunk_size(t, metric.device)
+    chunk = _chunk_size(bsz, t, metric.device)
     for start in range(0, bsz, chunk):
         part = out[start:start + chunk]
         flat, bounds = _gram_blocks(metric[start:start + chunk])
@@ -298,7 +305,7 @@ def _labels_from_parent(parent: Tensor) -> Tensor:
 # Backends
 # --------------------------------------------------------------------------------------------------------------
 # CPU backends work on chunks of samples whose Gram blocks fit in a reused workspace of about this size.
-_CHUNK_BYTES = 64 << 20
+_CHUNK_BYTES = 8 << 20
 
 def _cluster_torch(metric: Tensor, k: int, linkage: Linkage, dense_repair: bool | None = None) -> Tensor:
     """Batched nearest-neighbour-list Lance-Williams clustering in torch (one step merges in every sample).
@@ -420,7 +427,7 @@ def _cluster_numba(metric: Tensor, k: int, linkage: Linkage) -> Tensor:
     metric = metric.cpu()
     bsz, t, _ = metric.shape
     labels = np.empty((bsz, t), dtype=np.int64)
-    chunk = _chunk_size(t, metric.device)
+    chunk = _chunk_size(bsz, t, metric.device)
     for start in range(0, bsz, chunk):
         flat, bounds = _gram_blocks(metric[start:start + chunk])
         cluster_gram_blocks(flat.numpy(), np.asarray(bounds, dtype=np.int64), k, linkage.numba_id,

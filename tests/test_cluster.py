@@ -282,9 +282,8 @@ def test_backends_agree_across_chunk_boundaries(monkeypatch):
     """CPU backends process chunks of samples; samples in different chunks must see the same values."""
     monkeypatch.setattr(cluster, "_CHUNK_BYTES", 1 << 20)
     gen = torch.Generator().manual_seed(11)
-    t = 300
-    chunk = cluster._chunk_size(t, torch.device("cpu"))
-    b = 2 * chunk + 1
+    t, b = 300, 7
+    assert cluster._chunk_size(b, t, torch.device("cpu")) < b
     base = torch.randn(b, 60, 8, generator=gen)
     metric = base[:, torch.randint(0, 60, (t,), generator=gen)]  # exact duplicates everywhere
     for linkage in LINKAGES:
