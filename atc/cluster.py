@@ -320,10 +320,8 @@ def _cluster_torch(metric: Tensor, k: int, linkage: Linkage, dense_repair: bool 
         dense_repair = device.type != "cpu"
     d = _fill_distances(metric, _workspace("distances", (bsz, t, t), device), inf_diagonal=True)
     rows2d = d.view(bsz * t, t)
-    flat = d.view(-1)
-    row_base = torch.arange(bsz, device=device) * t
-    # Flat offsets of column 0 of every row: column c of sample s is flat[col_base[s] + c].
-    col_base = (torch.arange(bsz, device=device) * (t * t)).unsqueeze(1) + torch.arange(t, device=device) * t
+    batch = torch.arange(bsz, device=device)
+    row_base = batch * t
     cols = torch.arange(t, device=device).expand(bsz, t)
     size = torch.ones(bsz, t, dtype=torch.float64, device=device)
     parent = torch.arange(t, device=device).repeat(bsz, 1)
@@ -338,9 +336,9 @@ def _cluster_torch(metric: Tensor, k: int, linkage: Linkage, dense_repair: bool 
         new = linkage.update(rows2d.index_select(0, ra), rows2d.index_select(0, rb), n_a, n_b)
         new.scatter_(1, torch.cat([a, b], 1), inf)
         rows2d.index_copy_(0, ra, new)
-        flat.index_copy_(0, (col_base + a).view(-1), new.view(-1))
+        d[batch, :, a.squeeze(1)] = new
         # Row b is never read again (b is no longer active); its column must read +inf for everyone else.
-        flat.index_fill_(0, (col_base + b).view(-1), inf)
+        d[batch, :, b.squeeze(1)] = inf
         size.scatter_add_(1, a, n_b)
         parent.scatter_(1, b, a)
         nnd.scatter_(1, b, inf)
