@@ -67,18 +67,19 @@ def _row_argmin(row: np.ndarray) -> tuple[int, float]:
 
 
 @njit(cache=True, nogil=True, inline="always", error_model="numpy")
-def _tail_argmin(row: np.ndarray, start: int) -> tuple[int, float]:
-    """First index of the minimum of ``row[start:]`` (``(start, inf)`` when empty or all +inf)."""
-    if start >= row.shape[0]:
+def _tail_argmin(d: np.ndarray, row: int, start: int, stop: int) -> tuple[int, float]:
+    """First column ``k`` in ``[start, stop)`` minimising ``d[row + k]`` (``(start, inf)`` when empty)."""
+    if start >= stop:
         return start, np.inf
-    arg, best = _row_argmin(row[start:])
+    arg, best = _row_argmin(d[row + start:row + stop])
     return start + arg, best
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def _cluster_one(d: np.ndarray, num_clusters: int, linkage: int, labels: np.ndarray) -> None:
-    """Cluster one sample in place. ``d`` (T, T): distances in the strict upper triangle (pair ``i < j`` at
-    ``d[i, j]``); the lower triangle is never read.
+def _cluster_one(d: np.ndarray, ro: np.ndarray, num_clusters: int, linkage: int, labels: np.ndarray) -> None:
+    """Cluster one sample in place. The distance of pair ``i < j`` is ``d[ro[i] + j]`` (flat storage with a
+    per-row offset, so the packed Gram blocks are used where they are); entries below the diagonal are
+    never read.
 
     Row ``i`` keeps the nearest neighbour among higher indices only (``nn[i] > i``), as in Müllner's
     generic algorithm, so repairs rescan half a row on average; merged-away columns are set to +inf. A row is
@@ -87,23 +88,27 @@ def _cluster_one(d: np.ndarray, num_clusters: int, linkage: int, labels: np.ndar
     is rescanned only if it reaches the front. The merges are exactly the global-minimum merges with the
     lexicographic tie rule (see atc.cluster).
     """
-    t = d.shape[0]
+    t = labels.shape[0]
     nn = np.empty(t, dtype=np.int64)
     nnd = np.empty(t, dtype=np.float64)
     for i in range(t):
-        nn[i], nnd[i] = _tail_argmin(d[i], i + 1)
+        nn[i], nnd[i] = _tail_argmin(d, ro[i], i + 1, t)
     stale = np.zeros(t, dtype=np.bool_)
     size = np.ones(t, dtype=np.float64)
     parent = np.arange(t)
+    # Active clusters in increasing order (so every scan keeps the lowest-index-first tie rule).
+    alive = np.arange(t)
+    n_alive = t
     for _ in range(t - num_clusters):
         # One pass: a stale row is rescanned only if its lower bound beats the best exact value so far
         # (rows after the winner with an equal value lose the tie, so bounds >= the best can be skipped).
         height = np.inf
         a = 0
-        for r in range(t):
+        for idx in range(n_alive):
+            r = alive[idx]
             if nnd[r] < height:
                 if stale[r]:
-                    nn[r], nnd[r] = _tail_argmin(d[r], r + 1)
+                    nn[r], nnd[r] = _tail_argmin(d, ro[r], r + 1, t)
                     stale[r] = False
                     if nnd[r] < height:
                         height = nnd[r]
@@ -113,28 +118,36 @@ def _cluster_one(d: np.ndarray, num_clusters: int, linkage: int, labels: np.ndar
                     a = r
         b = nn[a]  # a < b
         n_a, n_b = size[a], size[b]
-        # Rows of merged-away clusters are all +inf, and every linkage maps (inf, inf) to inf, so these loops
-        # need no branch on whether k is still active (an unpredictable branch costs more than the work).
-        for k in range(a):  # pairs (k, a) and (k, b) live in row k
-            v = _lance_williams(linkage, d[k, a], d[k, b], n_a, n_b)
-            d[k, a] = v
-            d[k, b] = np.inf
+        idx = 0
+        while alive[idx] < a:  # pairs (k, a) and (k, b) live in row k
+            k = alive[idx]
+            row_k = ro[k]
+            v = _lance_williams(linkage, d[row_k + a], d[row_k + b], n_a, n_b)
+            d[row_k + a] = v
+            d[row_k + b] = np.inf
             nk = nn[k]
             if nk == a or nk == b:
                 stale[k] = True
             elif (v < nnd[k] or (v == nnd[k] and a < nk)) and not stale[k]:
                 nn[k] = a
                 nnd[k] = v
-        row_a, row_b = d[a], d[b]
-        for k in range(a + 1, b):  # pair (a, k) in row a, pair (k, b) in row k
-            row_a[k] = _lance_williams(linkage, row_a[k], d[k, b], n_a, n_b)
-            d[k, b] = np.inf
+            idx += 1
+        row_a, row_b = ro[a], ro[b]
+        idx += 1
+        while alive[idx] < b:  # pair (a, k) in row a, pair (k, b) in row k
+            k = alive[idx]
+            d[row_a + k] = _lance_williams(linkage, d[row_a + k], d[ro[k] + b], n_a, n_b)
+            d[ro[k] + b] = np.inf
             if nn[k] == b:
                 stale[k] = True
-        for k in range(b + 1, t):  # both pairs in rows a and b
-            row_a[k] = _lance_williams(linkage, row_a[k], row_b[k], n_a, n_b)
-            row_b[k] = np.inf
-        row_a[b] = np.inf
+            idx += 1
+        # Both pairs in rows a and b; merged-away columns hold +inf there and every linkage maps (inf, inf)
+        # to inf, so this loop runs over all columns without a branch (and vectorises).
+        for k in range(b + 1, t):
+            d[row_a + k] = _lance_williams(linkage, d[row_a + k], d[row_b + k], n_a, n_b)
+        d[row_a + b] = np.inf
+        n_alive -= 1
+        alive[idx:n_alive] = alive[idx + 1:n_alive + 1]
         nnd[b] = np.inf
         stale[b] = False
         # Every remaining pair is at least the merge height, so it bounds the merged cluster's new row.
@@ -152,43 +165,22 @@ def _cluster_one(d: np.ndarray, num_clusters: int, linkage: int, labels: np.ndar
             labels[x] = labels[parent[x]]
 
 
-@njit(cache=True, nogil=True, inline="always", error_model="numpy")
-def _distance(g: float) -> float:
-    # Same expression and clamping as atc.cluster._fill_distances.
-    v = 1.0 - g
-    return 0.0 if v < 0.0 else (2.0 if v > 2.0 else v)
-
-
-@njit(cache=True, nogil=True, error_model="numpy")
-def _cluster_sample(flat: np.ndarray, bounds: np.ndarray, bsz: int, b: int, d: np.ndarray, num_clusters: int,
-                    linkage: int, labels: np.ndarray) -> None:
-    """Sample ``b`` of the packed Gram blocks: fill the upper triangle of ``d`` with distances, cluster."""
-    t = d.shape[0]
-    offset = 0
-    for r in range(bounds.shape[0]):
-        s, e = bounds[r, 0], bounds[r, 1]
-        width = t - s
-        base = offset + b * (e - s) * width
-        for i in range(s, e):
-            row = base + (i - s) * width - s
-            for k in range(i + 1, t):
-                d[i, k] = _distance(flat[row + k])
-        offset += bsz * (e - s) * width
-    _cluster_one(d, num_clusters, linkage, labels)
-
-
 @njit(cache=True, parallel=True, error_model="numpy")
 def cluster_gram_blocks(flat: np.ndarray, bounds: np.ndarray, num_clusters: int, linkage: int,
-                        labels: np.ndarray, workers: int) -> None:
-    """Cluster every sample from its packed cosine-similarity blocks (see ``atc.cluster._gram_blocks``):
-    block ``r`` covers rows ``bounds[r, 0] <= i < bounds[r, 1]`` against tokens ``k >= bounds[r, 0]`` and is
-    stored as (B, rows, T - start). Only the upper triangle is read. Writes ``labels`` (B, T).
-
-    ``workers`` (the thread count) tasks each take every ``workers``-th sample and reuse one working matrix.
-    """
+                        labels: np.ndarray) -> None:
+    """Cluster every sample in place on its packed distance blocks (see ``atc.cluster._gram_blocks``; the
+    similarities there are turned into distances ``clamp(1 - g, 0, 2)`` before this call): block ``r`` covers
+    rows ``bounds[r, 0] <= i < bounds[r, 1]`` against tokens ``k >= bounds[r, 0]``, stored as
+    (B, rows, T - start). Only pairs above the diagonal are read. Writes ``labels`` (B, T)."""
     bsz, t = labels.shape
-    workers = max(1, min(workers, bsz))
-    for w in prange(workers):
-        d = np.empty((t, t))
-        for b in range(w, bsz, workers):
-            _cluster_sample(flat, bounds, bsz, b, d, num_clusters, linkage, labels[b])
+    for b in prange(bsz):
+        ro = np.empty(t, dtype=np.int64)
+        offset = 0
+        for r in range(bounds.shape[0]):
+            s, e = bounds[r, 0], bounds[r, 1]
+            width = t - s
+            base = offset + b * (e - s) * width
+            for i in range(s, e):
+                ro[i] = base + (i - s) * width - s
+            offset += bsz * (e - s) * width
+        _cluster_one(flat, ro, num_clusters, linkage, labels[b])

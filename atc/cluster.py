@@ -418,8 +418,6 @@ def _cluster_sklearn(metric: Tensor, k: int, linkage: Linkage) -> Tensor:
 
 
 def _cluster_numba(metric: Tensor, k: int, linkage: Linkage) -> Tensor:
-    import numba
-
     from atc._numba_cluster import cluster_gram_blocks
 
     metric = metric.cpu()
@@ -428,8 +426,9 @@ def _cluster_numba(metric: Tensor, k: int, linkage: Linkage) -> Tensor:
     chunk = _chunk_size(bsz, t, metric.device)
     for start in range(0, bsz, chunk):
         flat, bounds = _gram_blocks(metric[start:start + chunk])
+        flat.neg_().add_(1.0).clamp_(0.0, 2.0)  # the distances of _fill_distances, in place
         cluster_gram_blocks(flat.numpy(), np.asarray(bounds, dtype=np.int64), k, linkage.numba_id,
-                            labels[start:start + chunk], numba.get_num_threads())
+                            labels[start:start + chunk])
     return torch.from_numpy(labels)
 
 
