@@ -1,0 +1,337 @@
+"""atc.patch.diffusers on tiny random UNets (SD-1.x and SDXL layouts), against brute-force references."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+from diffusers import UNet2DConditionModel  # noqa: E402
+from diffusers.models.attention import BasicTransformerBlock  # noqa: E402
+from sklearn.cluster import AgglomerativeClustering  # noqa: E402
+
+import atc.patch  # noqa: E402
+from atc.patch.diffusers_unet import reseed, sd_destination_mask, token_grid_downsample  # noqa: E402
+
+SD_SETUP = Path(__file__).resolve().parents[1] / "SD_setup"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"sd_setup_{name}", SD_SETUP / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+tiny = _load("tiny_pipeline")
+LATENT = 16  # 16×16 latent: 256 tokens at full resolution, 64 at downsampling 2
+
+
+def make_unet(sdxl: bool = False) -> UNet2DConditionModel:
+    torch.manual_seed(0)
+    return UNet2DConditionModel(**tiny.tiny_unet_config(sdxl)).eval()
+
+
+def make_inputs(unet: UNet2DConditionModel, batch: int = 2, sdxl: bool = False) -> dict:
+    gen = torch.Generator().manual_seed(1)
+    inputs = dict(
+        sample=torch.randn(batch, 4, LATENT, LATENT, generator=gen),
+        timestep=torch.tensor(300),
+        encoder_hidden_states=torch.randn(batch, 7, unet.config.cross_attention_dim, generator=gen),
+    )
+    if sdxl:
+        inputs["added_cond_kwargs"] = {
+            "text_embeds": torch.randn(batch, 32, generator=gen),
+            "time_ids": torch.tensor([[32.0, 32.0, 0.0, 0.0, 32.0, 32.0]]).repeat(batch, 1),
+        }
+    return inputs
+
+
+@torch.no_grad()
+def run(unet, inputs) -> torch.Tensor:
+    return unet(**inputs).sample
+
+
+def blocks(unet):
+    return [m for m in unet.modules() if isinstance(m, BasicTransformerBlock)]
+
+
+class TokenRecorder:
+    """Records how many tokens given submodules of every block receive (independent of the patch)."""
+
+    def __init__(self, unet, names=("attn1.to_q", "attn1.to_k", "attn2.to_q", "ff")):
+        self.seen: list[tuple[int, str, int, int]] = []
+        self.handles = []
+        for i, block in enumerate(blocks(unet)):
+            for name in names:
+                module = block.get_submodule(name)
+                self.handles.append(module.register_forward_pre_hook(self._hook(i, name)))
+        self.unet = unet
+
+    def _hook(self, i, name):
+        def hook(module, args):
+            self.seen.append((i, name, args[0].shape[1], 0))
+
+        return hook
+
+    def counts(self) -> dict[tuple[int, str], int]:
+        return {(i, name): n for i, name, n, _ in self.seen}
+
+    def close(self):
+        for h in self.handles:
+            h.remove()
+
+
+def block_resolution(unet, inputs) -> dict[int, int]:
+    """Tokens each block gets (unpatched), to know which blocks are at full resolution."""
+    rec = TokenRecorder(unet, names=("attn1.to_q",))
+    run(unet, inputs)
+    rec.close()
+    return {i: n for (i, _), n in rec.counts().items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Brute-force references
+# ----------------------------------------------------------------------------------------------------------------
+def atc_groups_sklearn(x: torch.Tensor, r: int, linkage: str) -> list[list[list[int]]]:
+    """Per sample: clusters (lists of token indices) from sklearn on cosine distances of ``x (B, N, C)``."""
+    groups = []
+    for sample in x.double().numpy():
+        unit = sample / np.linalg.norm(sample, axis=1, keepdims=True)
+        dist = np.clip(1 - unit @ unit.T, 0, 2)
+        np.fill_diagonal(dist, 0)
+        labels = AgglomerativeClustering(
+            n_clusters=len(sample) - r, metric="precomputed", linkage=linkage
+        ).fit_predict(dist)
+        groups.append([np.flatnonzero(labels == k).tolist() for k in range(labels.max() + 1)])
+    return groups
+
+
+def tome_sd_groups_loops(x: torch.Tensor, r: int, h: int, w: int) -> list[list[list[int]]]:
+    """ToMe-SD without randomness, with loops: destinations = top-left of each 2×2 cell."""
+    groups = []
+    for sample in x.double().numpy():
+        dst = [row * w + col for row in range(0, h - h % 2, 2) for col in range(0, w - w % 2, 2)]
+        src = [t for t in range(h * w) if t not in set(dst)]
+        unit = sample / np.linalg.norm(sample, axis=1, keepdims=True)
+        best = []
+        for s in src:
+            sims = [float(unit[s] @ unit[d]) for d in dst]
+            k = int(np.argmax(sims))
+            best.append((sims[k], s, dst[k]))
+        best.sort(key=lambda item: -item[0])
+        members = {d: [d] for d in dst}
+        alone = []
+        for rank, (_, s, d) in enumerate(best):
+            (members[d].append(s) if rank < r else alone.append([s]))
+        groups.append(list(members.values()) + alone)
+    return groups
+
+
+def reference_unet(unet, method: str, ratio: float, linkage: str = "average"):
+    """A copy of ``unet`` whose full-resolution blocks merge/unmerge self-attention with explicit loops."""
+    ref = copy.deepcopy(unet)
+
+    def forward(block, hidden_states, attention_mask=None, encoder_hidden_states=None, **_):
+        x = hidden_states
+        n = x.shape[1]
+        groups = None
+        if n == LATENT * LATENT:  # full resolution only (max_downsample=1)
+            r = int(n * ratio)
+            if method == "atc":
+                groups = atc_groups_sklearn(x, r, linkage)
+            else:
+                groups = tome_sd_groups_loops(x, r, LATENT, LATENT)
+        normed = block.norm1(x)
+        if groups is None:
+            attn = block.attn1(normed)
+        else:
+            merged = torch.stack([torch.stack([normed[b, g].mean(0) for g in gs]) for b, gs in enumerate(groups)])
+            out = block.attn1(merged)
+            attn = torch.empty_like(normed)
+            for b, gs in enumerate(groups):
+                for k, g in enumerate(gs):
+                    attn[b, g] = out[b, k]
+        x = attn + x
+        x = block.attn2(block.norm2(x), encoder_hidden_states=encoder_hidden_states) + x
+        return block.ff(block.norm3(x)) + x
+
+    for block in blocks(ref):
+        block.forward = forward.__get__(block)
+    return ref
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tests
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["atc", "tome"])
+def test_matches_brute_force_reference(method):
+    unet = make_unet()
+    inputs = make_inputs(unet)
+    expected = run(reference_unet(unet, method, 0.5), inputs)
+    atc.patch.diffusers(unet, method=method, ratio=0.5, use_rand=False, linkage="average")
+    got = run(unet, inputs)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    plain = run(atc.patch.remove(unet), inputs)
+    assert (got - plain).abs().max() > 1e-4, "merging half the tokens must change the output"
+
+
+@pytest.mark.parametrize("method", ["atc", "tome"])
+def test_ratio_zero_identical_and_remove_restores(method):
+    unet = make_unet()
+    inputs = make_inputs(unet)
+    state_before = {k: v.clone() for k, v in unet.state_dict().items()}
+    expected = run(unet, inputs)
+
+    atc.patch.diffusers(unet, method=method, ratio=0.0)
+    assert torch.equal(run(unet, inputs), expected)
+
+    atc.patch.diffusers(unet, method=method, ratio=0.5, merge_crossattn=True, merge_mlp=True)
+    assert not torch.equal(run(unet, inputs), expected)
+    assert unet._atc_patch_module == "diffusers_unet"
+
+    atc.patch.remove(unet)
+    assert not hasattr(unet, "_atc_patch_module") and not hasattr(unet, "_atc_sd_state")
+    assert type(unet) is UNet2DConditionModel
+    for module in unet.modules():
+        assert not module._forward_hooks and not module._forward_pre_hooks, f"hook left on {type(module).__name__}"
+    state_after = unet.state_dict()
+    assert state_after.keys() == state_before.keys()
+    assert all(torch.equal(state_after[k], state_before[k]) for k in state_before)
+    assert torch.equal(run(unet, inputs), expected)
+
+
+@pytest.mark.parametrize("method", ["atc", "tome"])
+def test_half_the_tokens_at_full_resolution_only(method):
+    unet = make_unet()
+    inputs = make_inputs(unet)
+    full = block_resolution(unet, inputs)
+    assert sorted(set(full.values())) == [64, 256], "tiny SD layout: blocks at full and half resolution"
+
+    atc.patch.diffusers(unet, method=method, ratio=0.5, merge_attn=True, merge_crossattn=False, merge_mlp=False)
+    rec = TokenRecorder(unet)
+    run(unet, inputs)
+    seen = rec.counts()
+    for i, n in full.items():
+        expect_attn = n - int(n * 0.5) if n == 256 else n
+        assert seen[(i, "attn1.to_q")] == seen[(i, "attn1.to_k")] == expect_attn
+        assert seen[(i, "attn2.to_q")] == n and seen[(i, "ff")] == n
+    rec.close()
+
+    atc.patch.diffusers(unet, method=method, ratio=0.5, merge_attn=False, merge_crossattn=True, merge_mlp=True)
+    rec = TokenRecorder(unet)
+    run(unet, inputs)
+    seen = rec.counts()
+    for i, n in full.items():
+        reduced = n - int(n * 0.5) if n == 256 else n
+        assert seen[(i, "attn1.to_q")] == n
+        assert seen[(i, "attn2.to_q")] == seen[(i, "ff")] == reduced
+    rec.close()
+
+    atc.patch.diffusers(unet, method=method, ratio=0.25, max_downsample=2)
+    rec = TokenRecorder(unet)
+    run(unet, inputs)
+    assert all(rec.counts()[(i, "attn1.to_q")] == n - int(n * 0.25) for i, n in full.items())
+    rec.close()
+    atc.patch.remove(unet)
+
+
+@pytest.mark.parametrize("method", ["atc", "tome"])
+def test_sdxl_layout(method):
+    unet = make_unet(sdxl=True)
+    inputs = make_inputs(unet, sdxl=True)
+    full = block_resolution(unet, inputs)
+    assert set(full.values()) == {64}, "SDXL layout has no transformer at full resolution"
+    expected = run(unet, inputs)
+
+    atc.patch.diffusers(unet, method=method, ratio=0.5, max_downsample=1)
+    assert torch.equal(run(unet, inputs), expected), "nothing to merge at full resolution in SDXL"
+
+    atc.patch.diffusers(unet, method=method, ratio=0.5, max_downsample=2)
+    rec = TokenRecorder(unet, names=("attn1.to_k",))
+    out = run(unet, inputs)
+    assert set(rec.counts().values()) == {32}
+    assert not torch.equal(out, expected)
+    rec.close()
+    atc.patch.remove(unet)
+    assert torch.equal(run(unet, inputs), expected)
+
+
+def test_pipeline_patch_and_remove_dispatch():
+    pipe = tiny.build_tiny_pipeline()
+    kwargs = dict(prompt="A high quality photograph of a tench.", num_inference_steps=2, output_type="np")
+    expected = pipe(generator=torch.Generator().manual_seed(0), **kwargs).images
+    atc.patch.diffusers(pipe, method="tome", ratio=0.5)
+    assert pipe.unet._atc_patch_module == "diffusers_unet"
+    reseed(pipe, 0)
+    merged = pipe(generator=torch.Generator().manual_seed(0), **kwargs).images
+    reseed(pipe, 0)
+    again = pipe(generator=torch.Generator().manual_seed(0), **kwargs).images
+    assert np.array_equal(merged, again), "reseeding makes ToMe-SD's random destinations reproducible"
+    assert not np.array_equal(merged, expected)
+    atc.patch.remove(pipe)
+    assert not hasattr(pipe.unet, "_atc_patch_module")
+    assert np.array_equal(pipe(generator=torch.Generator().manual_seed(0), **kwargs).images, expected)
+
+
+def test_random_destinations_change_with_seed():
+    unet = make_unet()
+    inputs = make_inputs(unet)
+    outs = []
+    for seed in (0, 0, 1):
+        atc.patch.diffusers(unet, method="tome", ratio=0.5, use_rand=True, seed=seed)
+        outs.append(run(unet, inputs))
+    atc.patch.diffusers(unet, method="tome", ratio=0.5, use_rand=False)
+    fixed = run(unet, inputs)
+    assert torch.equal(outs[0], outs[1])
+    assert not torch.equal(outs[0], outs[2]) and not torch.equal(outs[0], fixed)
+
+
+@pytest.mark.parametrize("h,w,sx,sy", [(4, 6, 2, 2), (5, 7, 2, 2), (6, 6, 3, 2)])
+def test_destination_mask_one_per_cell(h, w, sx, sy):
+    for generator in (None, torch.Generator().manual_seed(3)):
+        mask = sd_destination_mask(h, w, sx, sy, generator).reshape(h, w)
+        for row in range(0, h, sy):
+            for col in range(0, w, sx):
+                cell = mask[row : row + sy, col : col + sx]
+                full = row + sy <= h and col + sx <= w
+                assert int(cell.sum()) == (1 if full else 0)
+                if full and generator is None:
+                    assert cell[0, 0]
+
+
+def test_token_grid_downsample():
+    assert token_grid_downsample(64 * 64, 64, 64) == 1
+    assert token_grid_downsample(32 * 48, 64, 96) == 2
+    assert token_grid_downsample(13 * 7, 50, 25) == 4  # ceil(50/4)=13, ceil(25/4)=7
+    assert token_grid_downsample(77, 64, 64) is None
+
+
+def test_bad_options_are_clear_errors():
+    unet = make_unet()
+    with pytest.raises(ValueError, match="unknown method"):
+        atc.patch.diffusers(unet, method="kmeans")
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        atc.patch.diffusers(unet, method="atc", ratio=1.0)
+    with pytest.raises(ValueError, match="at most 1 - 1/\\(sx\\*sy\\) = 0.75"):
+        atc.patch.diffusers(unet, method="tome", ratio=0.8)
+    with pytest.raises(ValueError, match="unknown linkage"):
+        atc.patch.diffusers(unet, linkage="ward")
+    with pytest.raises(ValueError, match="max_downsample"):
+        atc.patch.diffusers(unet, max_downsample=0)
+    with pytest.raises(ValueError, match="no diffusers BasicTransformerBlock"):
+        atc.patch.diffusers(torch.nn.Linear(2, 2))
+    assert not hasattr(unet, "_atc_patch_module"), "a failed patch leaves the model untouched"
+
+    atc.patch.diffusers(unet, method="atc", ratio=0.5, merge_mlp=True)
+    for block in blocks(unet):
+        block.set_chunk_feed_forward(2, 1)
+    with pytest.raises(ValueError, match="disable_forward_chunking"):
+        run(unet, make_inputs(unet))
