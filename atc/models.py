@@ -1,0 +1,204 @@
+"""Registered token-reduced DeiT models: ``{atc,tome,kmedoids,dpcknn}_{tiny,small,base}[_distilled]_patch16_224``.
+
+Importing this module (``import atc`` does it) registers the names with timm:
+
+    import timm, atc.models
+    model = timm.create_model("atc_small_patch16_224", reduction_loc=[3, 6, 9], keep_rate=0.7,
+                              linkage="complete", proportional_attn=True, num_classes=1000, img_size=224)
+    atc.models.load_checkpoint(model, "best_checkpoint.pth")   # timm/DeiT state dict or the paper's format
+
+Each is timm's DeiT (``VisionTransformer``, or ``VisionTransformerDistilled`` for ``_distilled``) patched with
+:func:`atc.patch.timm` and a :class:`~atc.patch.common.KeepRateSchedule`: after reduction location ``idx``
+``int(N_patches * keep_rate^(idx+1))`` patch tokens remain (REFERENCE §2), whatever the input size.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from atc.patch.common import KeepRateSchedule, check_options
+
+__all__ = ["load_checkpoint", "MODEL_NAMES", "CheckpointError"]
+
+_SIZES = {
+    "tiny": dict(embed_dim=192, depth=12, num_heads=3),
+    "small": dict(embed_dim=384, depth=12, num_heads=6),
+    "base": dict(embed_dim=768, depth=12, num_heads=12),
+}
+_METHODS = ("atc", "tome", "kmedoids", "dpcknn")
+MODEL_NAMES: list[str] = []
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded into the model (missing file, other architecture)."""
+
+
+def _build(
+    method: str,
+    size: str,
+    distilled: bool,
+    pretrained: bool = False,
+    reduction_loc: Sequence[int] = (3, 6, 9),
+    keep_rate: float | Sequence[float] = 0.9,
+    linkage: str = "complete",
+    proportional_attn: bool = True,
+    checkpoint_path: str | None = None,
+    backend: str = "auto",
+    metric: str = "keys",
+    **kwargs: Any,
+) -> nn.Module:
+    from timm.models.deit import VisionTransformerDistilled
+    from timm.models.vision_transformer import VisionTransformer
+
+    import atc.patch
+
+    if pretrained:
+        raise ValueError(
+            "pretrained=True would download weights, which this project never does: pass a local file as "
+            "checkpoint_path (or call atc.models.load_checkpoint(model, path))"
+        )
+    check_options(method, linkage, metric)
+    arch = dict(_SIZES[size], **{k: kwargs.pop(k) for k in list(kwargs) if k in ("embed_dim", "depth", "num_heads")})
+    depth = arch["depth"]
+    # validated before the (possibly large) model is built
+    schedule = KeepRateSchedule.build(reduction_loc, keep_rate, depth)
+    for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
+        kwargs.pop(key, None)
+    cls = VisionTransformerDistilled if distilled else VisionTransformer
+    model = cls(patch_size=16, **arch, **kwargs)
+    atc.patch.timm(model, method=method, linkage=linkage, prop_attn=proportional_attn, backend=backend,
+                   metric=metric)
+    model.r = schedule
+    model.keep_schedule = schedule
+    # timm.create_model(checkpoint_path=...) calls model.load_state_dict itself; route it through our checks.
+    # (remove_patch restores the original class recorded by the patch, dropping this one too.)
+    model.__class__ = type(model.__class__.__name__, (model.__class__,),
+                           {"load_state_dict": _registered_load_state_dict})
+    if checkpoint_path:
+        load_checkpoint(model, checkpoint_path)
+    return model
+
+
+def _register() -> None:
+    from timm.models import register_model
+
+    for method in _METHODS:
+        for size in _SIZES:
+            for distilled in (False, True):
+                name = f"{method}_{size}{'_distilled' if distilled else ''}_patch16_224"
+
+                def entry(pretrained: bool = False, _m: str = method, _s: str = size, _d: bool = distilled,
+                          **kwargs: Any) -> nn.Module:
+                    return _build(_m, _s, _d, pretrained=pretrained, **kwargs)
+
+                entry.__name__ = entry.__qualname__ = name
+                entry.__module__ = __name__
+                entry.__doc__ = (
+                    f"DeiT-{size}{' (distilled)' if distilled else ''} with {method} token reduction at "
+                    f"``reduction_loc`` keeping ``keep_rate`` per location."
+                )
+                globals()[name] = register_model(entry)
+                MODEL_NAMES.append(name)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------------------------------
+def _extract_state_dict(checkpoint: Any, path: str) -> dict[str, torch.Tensor]:
+    """The model weights in a timm/DeiT state dict, a ``{"state_dict": ...}`` file or the paper's format."""
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"{path}: expected a state dict or a dict with 'model', got {type(checkpoint).__name__}")
+    if "model" in checkpoint and isinstance(checkpoint["model"], dict):
+        # the paper's best_checkpoint.pth keeps the EMA weights when they evaluated better (ema_best)
+        if checkpoint.get("ema_best") and isinstance(checkpoint.get("model_ema"), dict):
+            return checkpoint["model_ema"]
+        return checkpoint["model"]
+    for key in ("state_dict", "model_state_dict"):
+        if isinstance(checkpoint.get(key), dict):
+            return checkpoint[key]
+    return checkpoint
+
+
+def _adapt_pos_embed(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
+    from timm.layers import resample_abs_pos_embed
+
+    pe = state_dict.get("pos_embed")
+    target = getattr(model, "pos_embed", None)
+    if pe is None or target is None or pe.shape == target.shape:
+        return
+    prefix = 0 if getattr(model, "no_embed_class", False) else model.num_prefix_tokens
+    if pe.shape[1] - prefix <= 0 or pe.shape[-1] != target.shape[-1]:
+        return  # a genuine mismatch: reported by the key check
+    state_dict["pos_embed"] = resample_abs_pos_embed(
+        pe, new_size=list(model.patch_embed.grid_size), num_prefix_tokens=prefix
+    )
+
+
+def load_checkpoint(model: nn.Module, path: str | os.PathLike[str], strict_head: bool = True) -> nn.Module:
+    """Load local weights into ``model`` (a registered model or any timm ViT), in place.
+
+    Accepts a plain timm/DeiT state dict, ``{"state_dict": ...}``, or the paper's checkpoint
+    (``model``, ``model_ema``, ``ema_best``: the EMA weights are used when ``ema_best`` is true). The position
+    embedding is resampled (bicubic) when the checkpoint was trained at another input size. Parameters the
+    patch adds (DPC-KNN's ``atc_token_score``) may be absent. ``strict_head=False`` skips classifier weights of
+    another class count (fine-tuning on a new dataset).
+
+    Raises:
+        CheckpointError: missing file, or keys/shapes that do not match (all mismatches are listed).
+    """
+    path = str(path)
+    if not Path(path).is_file():
+        raise CheckpointError(f"checkpoint file not found: {path} (pass a local .pth file)")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # the paper's files also store argparse args: trusted local file, full unpickling
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    state_dict = dict(_extract_state_dict(checkpoint, path))
+    return _check_and_load(model, state_dict, path, strict_head)
+
+
+def _check_and_load(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str,
+                    strict_head: bool = True) -> nn.Module:
+    state_dict = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state_dict.items()}
+    _adapt_pos_embed(model, state_dict)
+    own = model.state_dict()
+    head_keys = {k for k in own if k.startswith(("head.", "head_dist."))}
+    missing = [k for k in own if k not in state_dict and "atc_token_score" not in k]
+    unexpected = [k for k in state_dict if k not in own]
+    shape = [
+        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in state_dict and state_dict[k].shape != own[k].shape
+    ]
+    if not strict_head:
+        shape = [s for s in shape if s.split(":")[0] not in head_keys]
+        for k in head_keys:
+            if k in state_dict and state_dict[k].shape != own[k].shape:
+                del state_dict[k]
+    if missing or unexpected or shape:
+        arch = getattr(model, "pretrained_cfg", {}) or {}
+        lines = [f"checkpoint {source} does not fit this model ({type(model).__name__}"
+                 f"{', ' + arch['architecture'] if 'architecture' in arch else ''}): is it another architecture?"]
+        for title, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shape)):
+            if keys:
+                lines.append(f"  {title} ({len(keys)}): " + ", ".join(keys[:20]) + (" ..." if len(keys) > 20 else ""))
+        raise CheckpointError("\n".join(lines))
+    nn.Module.load_state_dict(model, state_dict, strict=False)
+    return model
+
+
+def _registered_load_state_dict(self: nn.Module, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+    """``timm.create_model(..., checkpoint_path=...)`` loads through here: pos-embed resampling and a clear
+    error listing mismatched keys instead of a deep traceback."""
+    if not strict:
+        return nn.Module.load_state_dict(self, state_dict, strict=False, assign=assign)
+    _check_and_load(self, dict(state_dict), "state dict")
+    return torch.nn.modules.module._IncompatibleKeys([], [])
+
+
+_register()
