@@ -23,11 +23,11 @@ import torch
 import torch.nn as nn
 
 from atc import distributed as D
-from atc.data import DATASETS, MULTILABEL_DATASETS, DatasetError, build_dataset
+from atc.data import DATASETS, MULTILABEL_DATASETS
 from atc.engine import build_loaders as engine_build_loaders
-from atc.engine import (LINKAGES, ConfigError, FitConfig, amp_dtype_for, build_classifier,
-                        build_train_sampler, count_parameters, evaluate, find_resume, fit, load_for_resume,
-                        load_pretrained, parse_model_kwargs, validate_reduction)
+from atc.engine import (LINKAGES, ConfigError, FitConfig, amp_dtype_for, build_classifier, count_parameters,
+                        evaluate, find_resume, fit, load_for_resume, load_pretrained, parse_model_kwargs, run_cli,
+                        validate_reduction)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -371,13 +371,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    args = get_args_parser().parse_args(argv)
-    try:
-        main(args)
-    except (ConfigError, DatasetError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(main, get_args_parser(), argv)
 
 
 if __name__ == "__main__":

@@ -22,9 +22,9 @@ import torch
 import torch.nn as nn
 
 from atc import distributed as D
-from atc.data import DATASETS, MULTILABEL_DATASETS, DatasetError
+from atc.data import DATASETS, MULTILABEL_DATASETS
 from atc.engine import (LINKAGES, ConfigError, FitConfig, amp_dtype_for, build_loaders, count_parameters, evaluate,
-                        find_resume, fit, load_for_resume, load_pretrained, parse_model_kwargs)
+                        find_resume, fit, load_for_resume, load_pretrained, parse_model_kwargs, run_cli)
 
 MAE_MODELS = {"vit_base_patch16": "vit_base_patch16_224", "vit_large_patch16": "vit_large_patch16_224",
               "vit_huge_patch14": "vit_huge_patch14_224"}
@@ -225,13 +225,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    args = get_args_parser().parse_args(argv)
-    try:
-        main(args)
-    except (ConfigError, DatasetError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(main, get_args_parser(), argv)
 
 
 if __name__ == "__main__":

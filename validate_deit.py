@@ -20,9 +20,9 @@ from typing import Any
 import torch
 
 from atc import distributed as D
-from atc.data import DATASETS, MULTILABEL_DATASETS, DatasetError, build_dataset
+from atc.data import DATASETS, MULTILABEL_DATASETS, build_dataset
 from atc.engine import (LINKAGES, ConfigError, ShardSampler, amp_dtype_for, build_classifier, count_parameters,
-                        evaluate, parse_model_kwargs, validate_reduction)
+                        evaluate, parse_model_kwargs, run_cli, validate_reduction)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -154,13 +154,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    args = get_args_parser().parse_args(argv)
-    try:
-        main(args)
-    except (ConfigError, DatasetError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(main, get_args_parser(), argv)
 
 
 if __name__ == "__main__":

@@ -612,3 +612,20 @@ def build_loaders(dataset: str, root: str | None, input_size: int, batch_size: i
         train_loader = DataLoader(ds_train, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                                   pin_memory=pin, drop_last=True)
     return train_loader, val_loader, info
+
+
+# ------------------------------------------------------------------------------------------------------------ CLI
+def run_cli(main: Callable[[Any], Any], parser: Any, argv: list[str] | None = None) -> int:
+    """Parse ``argv`` with ``parser``, run ``main(args)``; a :class:`ConfigError` or a dataset error becomes one
+    ``error: ...`` line on stderr and exit code 2 instead of a traceback."""
+    import sys
+
+    from atc.data import DatasetError
+
+    args = parser.parse_args(argv)
+    try:
+        main(args)
+    except (ConfigError, DatasetError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from atc.cluster import validate_linkage
 from atc.merge import MERGE_METHODS, Merge, init_token_map, max_removable, merge_by_method
@@ -279,3 +279,28 @@ def weighted_pool(x: Tensor, size: Tensor | None, pool_type: str, num_prefix: in
     if pool_type == "avgmax":
         return 0.5 * (tokens.amax(dim=1) + avg)
     raise ValueError(f"pooling {pool_type!r} is not supported with token merging")
+
+
+def swap_class(module: nn.Module, methods: dict[str, Any]) -> None:
+    """Give ``module`` a subclass of its class overriding ``methods``; :func:`remove_patch` restores it."""
+    cls = module.__class__
+    module._atc_orig_class = cls
+    module.__class__ = type(f"ATC{cls.__name__}", (cls,), methods)
+
+
+_PATCH_ATTRS = ("_atc_orig_class", "_atc_state", "_atc_index", "_atc_metric", "_atc_info", "_atc_patch_module", "r")
+
+
+def remove_patch(model: nn.Module) -> nn.Module:
+    """Undo a ViT patch (timm or torchvision): restore the original classes and drop every attribute and
+    submodule the patch added."""
+    for module in list(model.modules()):
+        orig = module.__dict__.get("_atc_orig_class")
+        if orig is not None:
+            module.__class__ = orig
+        for name in _PATCH_ATTRS:
+            if name in module.__dict__:
+                delattr(module, name)
+        if "atc_token_score" in module._modules:
+            del module._modules["atc_token_score"]
+    return model

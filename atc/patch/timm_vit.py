@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from atc.patch.common import PRE_BLOCK_METHODS, MergeState, check_options, weighted_pool
+from atc.patch.common import (PRE_BLOCK_METHODS, MergeState, check_options, remove_patch, swap_class,
+                              weighted_pool)
 
 __all__ = ["apply_patch", "remove_patch"]
 
@@ -250,11 +251,6 @@ def _model_pool(self: nn.Module, x: Tensor, pool_type: str | None = None) -> Ten
     return self._atc_orig_class.pool(self, x, pool_type)
 
 
-def _swap_class(module: nn.Module, methods: dict[str, Any]) -> None:
-    cls = module.__class__
-    module._atc_orig_class = cls
-    module.__class__ = type(f"ATC{cls.__name__}", (cls,), methods)
-
 
 def _check_supported(model: nn.Module) -> tuple[bool, list[nn.Module]]:
     """Return (is_eva, blocks); raise naming the option when the model cannot be patched exactly."""
@@ -347,26 +343,11 @@ def apply_patch(
             nn.init.zeros_(score.weight)
             nn.init.zeros_(score.bias)
             blk.atc_token_score = score.to(next(model.parameters()).device)
-        _swap_class(blk, {"forward": block_fwd[type(blk).__name__]})
-        _swap_class(blk.attn, {"forward": attn_fwd})
+        swap_class(blk, {"forward": block_fwd[type(blk).__name__]})
+        swap_class(blk.attn, {"forward": attn_fwd})
     model._atc_state = state
     model._atc_info = {}
     model.r = 0
-    _swap_class(model, {"forward": _model_forward, "pool": _model_pool})
+    swap_class(model, {"forward": _model_forward, "pool": _model_pool})
     model._atc_patch_module = MODULE_NAME
-    return model
-
-
-def remove_patch(model: nn.Module) -> nn.Module:
-    """Restore the original classes and drop everything :func:`apply_patch` added."""
-    for module in list(model.modules()):
-        orig = module.__dict__.get("_atc_orig_class")
-        if orig is not None:
-            module.__class__ = orig
-        for name in ("_atc_orig_class", "_atc_state", "_atc_index", "_atc_metric", "_atc_info",
-                     "_atc_patch_module", "r"):
-            if name in module.__dict__:
-                delattr(module, name)
-        if "atc_token_score" in module._modules:
-            del module._modules["atc_token_score"]
     return model

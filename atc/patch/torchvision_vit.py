@@ -15,11 +15,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from atc.patch.common import PRE_BLOCK_METHODS, MergeState, check_options
+from atc.patch.common import PRE_BLOCK_METHODS, MergeState, check_options, remove_patch, swap_class
 
 __all__ = ["apply_patch", "remove_patch"]
 
@@ -69,11 +68,6 @@ def _model_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     return out
 
 
-def _swap_class(module: nn.Module, methods: dict[str, Any]) -> None:
-    cls = module.__class__
-    module._atc_orig_class = cls
-    module.__class__ = type(f"ATC{cls.__name__}", (cls,), methods)
-
 
 def apply_patch(
     model: nn.Module,
@@ -108,24 +102,10 @@ def apply_patch(
             nn.init.zeros_(score.weight)
             nn.init.zeros_(score.bias)
             blk.atc_token_score = score
-        _swap_class(blk, {"forward": _block_forward})
+        swap_class(blk, {"forward": _block_forward})
     model._atc_state = state
     model._atc_info = {}
     model.r = 0
-    _swap_class(model, {"forward": _model_forward})
+    swap_class(model, {"forward": _model_forward})
     model._atc_patch_module = MODULE_NAME
-    return model
-
-
-def remove_patch(model: nn.Module) -> nn.Module:
-    """Restore torchvision's classes and drop everything :func:`apply_patch` added."""
-    for module in list(model.modules()):
-        orig = module.__dict__.get("_atc_orig_class")
-        if orig is not None:
-            module.__class__ = orig
-        for name in ("_atc_orig_class", "_atc_state", "_atc_index", "_atc_info", "_atc_patch_module", "r"):
-            if name in module.__dict__:
-                delattr(module, name)
-        if "atc_token_score" in module._modules:
-            del module._modules["atc_token_score"]
     return model
