@@ -22,7 +22,7 @@ import torch
 from atc import distributed as D
 from atc.data import DATASETS, MULTILABEL_DATASETS, build_dataset
 from atc.engine import (LINKAGES, ConfigError, ShardSampler, amp_dtype_for, build_classifier, count_parameters,
-                        evaluate, parse_model_kwargs, run_cli, validate_reduction)
+                        evaluate, parse_model_kwargs, run_cli, usable_workers, validate_reduction)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -121,7 +121,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     model.to(device)
     sampler = ShardSampler(dataset, D.get_world_size(), D.get_rank()) if args.dist_eval else None
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=False, sampler=sampler,
-                                         num_workers=args.num_workers)
+                                         num_workers=usable_workers(args.num_workers))
     res = evaluate(model, loader, device, multilabel=multilabel, gather=args.dist_eval, return_outputs=True,
                    amp_dtype=amp_dtype_for(device, args.use_amp))
     logits, targets = res.pop("logits"), res.pop("targets")

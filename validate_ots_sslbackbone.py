@@ -126,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import atc.patch
     from atc.data import DatasetError, build_dataset
+    from atc.engine import usable_workers
     from atc.models import CheckpointError
     from atc.utils import line_plot, write_csv
 
@@ -140,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_samples:
         dataset = torch.utils.data.Subset(dataset, range(min(args.max_samples, len(dataset))))
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=False,
-                                         num_workers=args.num_workers)
+                                         num_workers=usable_workers(args.num_workers))
     num_classes = args.num_classes or (args.checkpoint and _checkpoint_classes(args.checkpoint)) or info.num_classes
     device = torch.device(args.device)
     try:

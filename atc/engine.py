@@ -587,6 +587,13 @@ def _fmt(res: dict[str, Any], multilabel: bool) -> str:
 
 
 # --------------------------------------------------------------------------------------------------------- loaders
+def usable_workers(requested: int) -> int:
+    """Data-loader workers: the requested count (the published default is 10), capped at the CPUs this process
+    may use, since more only slows a small machine down."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(requested, cpus))
+
+
 def build_loaders(dataset: str, root: str | None, input_size: int, batch_size: int, *, num_workers: int = 0,
                   seed: int = 0, repeated_aug: bool = False, dist_eval: bool = False, pin_mem: bool = True,
                   train: bool = True, eval_batch_size: int | None = None, crop_pct: float | None = None,
@@ -595,6 +602,7 @@ def build_loaders(dataset: str, root: str | None, input_size: int, batch_size: i
     sharded without padding under ``dist_eval``). Returns ``(train_loader or None, val_loader, info)``."""
     from atc.data import build_dataset
 
+    num_workers = usable_workers(num_workers)
     common = {"crop_pct": crop_pct} if crop_pct else {}
     ds_val, info = build_dataset(dataset, root, "val", input_size, is_train=False, **common)
     val_sampler = (ShardSampler(ds_val, D.get_world_size(), D.get_rank()) if dist_eval
