@@ -1,0 +1,9 @@
+checkpoint_config = dict(interval=1)
+log_config = dict(interval=50)
+work_dir = 'work_dirs/mask_rcnn'
+load_from = None
+resume_from = None
+cumulative_iters = 1
+amp = False
+seed = 0
+device = 'auto'

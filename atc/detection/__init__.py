@@ -1,0 +1,32 @@
+"""Dense prediction: ViT-Adapter backbone with token reduction (ATC / ToMe) and the SViT baseline, in a
+torchvision Mask R-CNN + FPN, trained and evaluated from mmdet-style configs (``MMDet_setup/``).
+
+Where mmdet with compiled mmcv ops is installed, importing this package also registers ``ViTAdapter``,
+``SViTAdapter``, ``ViTAdapterT`` and ``ViTAdapterS`` in mmdet's ``MODELS`` registry, so they can be dropped into
+mmdet configs (``backbone=dict(type='ViTAdapter', reduction_ratio=0.7, linkage='average', ...)``). mmdet's
+necks expect a tuple of feature maps, which the backbone returns as a list of 4 levels (strides 4-32). That path
+is not tested here (mmcv's ops do not build on the project's machines).
+"""
+
+from __future__ import annotations
+
+from atc.detection.svit import SViTAdapter
+from atc.detection.vit_adapter import ViTAdapter, vit_adapter_small, vit_adapter_tiny
+
+__all__ = ["ViTAdapter", "SViTAdapter", "vit_adapter_tiny", "vit_adapter_small", "register_with_mmdet"]
+
+
+def register_with_mmdet() -> bool:
+    """Register the backbones with mmdet's model registry; returns False when mmdet is not importable."""
+    try:
+        from mmdet.registry import MODELS  # type: ignore[import-not-found]
+    except Exception:  # noqa: BLE001 - mmdet missing or its compiled mmcv ops broken: nothing to register
+        return False
+    for name, obj in (("ViTAdapter", ViTAdapter), ("SViTAdapter", SViTAdapter), ("ViTAdapterT", vit_adapter_tiny),
+                      ("ViTAdapterS", vit_adapter_small)):
+        if MODELS.get(name) is None:
+            MODELS.register_module(name=name, module=obj)
+    return True
+
+
+register_with_mmdet()

@@ -1,0 +1,82 @@
+"""SViT (Liu et al., "Revisiting token pruning for object detection and instance segmentation"):
+dynamic token pruning baseline for the ViT-Adapter.
+
+Per pruning block a selector ``LayerNorm -> Mlp(C, C/4, 2) -> LogSoftmax`` decides which tokens the block
+processes. Training: hard Gumbel-softmax (tau=1) decisions, unselected tokens are masked out of the attention
+keys and copied through; ratio loss ``4 * (mean(s) - keep)^2`` per block. Inference: only the selected
+tokens run through the block; the rest are copied, so the full grid is always kept for the adapter.
+Keep targets (REFERENCE §1): ``[.7,.7,.7,.49,.49,.49,.343,.343,.343]`` on blocks 3-11, i.e.
+``keep_ratio ** stage``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from atc.detection.vit_adapter import Block, Mlp, ViTAdapter
+
+__all__ = ["SViTBlock", "SViTAdapter", "svit_keep_ratios"]
+
+
+def svit_keep_ratios(keep_ratio: float, prune_start: int = 3, depth: int = 12, stage_len: int = 3) -> dict[int, float]:
+    """Block index -> target keep fraction: ``keep_ratio ** (1 + (i - prune_start) // stage_len)``."""
+    return {i: keep_ratio ** (1 + (i - prune_start) // stage_len) for i in range(prune_start, depth)}
+
+
+class SViTBlock(Block):
+    """A :class:`Block` with an optional token selector (enabled by setting ``target_keep``)."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, drop_path: float = 0.0) -> None:
+        super().__init__(dim, num_heads, mlp_ratio, drop_path)
+        self.selector = nn.Sequential(nn.LayerNorm(dim), Mlp(dim, dim // 4, 2), nn.LogSoftmax(dim=-1))
+        self.target_keep: float | None = None
+        self.last_ratio_loss: Tensor | None = None
+        self.last_kept: float | None = None
+
+    def _dense(self, x: Tensor, bias: Tensor | None) -> Tensor:
+        out, _ = self.attn(self.norm1(x), bias)
+        x = x + self.drop_path(out)
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+    def forward(self, x: Tensor, size: Tensor | None = None, merge: object = None):  # type: ignore[override]
+        if self.target_keep is None:
+            return self._dense(x, None), size, merge
+        logp = self.selector(x)  # (B, T, 2): [keep, skip]
+        if self.training:
+            s = F.gumbel_softmax(logp, tau=1.0, hard=True)[..., :1]  # (B, T, 1), straight-through gradient
+            # Pruned tokens are hidden from the attention keys (large negative bias), then copied through.
+            bias = ((1 - s) * -1e4).squeeze(-1)[:, None, None, :]
+            x = s * self._dense(x, bias) + (1 - s) * x
+            self.last_ratio_loss = 4 * (s.mean() - self.target_keep) ** 2
+            self.last_kept = float(s.detach().mean())
+            return x, size, merge
+        keep = logp[..., 0] >= logp[..., 1]  # (B, T)
+        out = x.clone()
+        for b in range(x.shape[0]):  # variable token counts per image: run each sample on its kept tokens
+            idx = keep[b].nonzero().squeeze(1)
+            if idx.numel():
+                out[b, idx] = self._dense(x[b:b + 1, idx], None)[0]
+        self.last_ratio_loss, self.last_kept = None, float(keep.float().mean())
+        return out, size, merge
+
+
+class SViTAdapter(ViTAdapter):
+    """ViT-Adapter whose blocks prune tokens dynamically (SViT); ``keep_ratio`` sets the per-stage targets."""
+
+    block_cls = SViTBlock
+
+    def __init__(self, *, keep_ratio: float = 0.7, prune_start: int = 3, **kw: object) -> None:
+        kw.pop("reduction_ratio", None)
+        kw.pop("linkage", None)
+        if not 0 < keep_ratio <= 1:
+            raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio}")
+        super().__init__(reduction_ratio=None, **kw)
+        self.keep_ratio = keep_ratio
+        for i, target in svit_keep_ratios(keep_ratio, prune_start, len(self.blocks)).items():
+            self.blocks[i].target_keep = target
+
+    def extra_loss(self) -> Tensor | None:
+        losses = [b.last_ratio_loss for b in self.blocks if getattr(b, "last_ratio_loss", None) is not None]
+        return torch.stack(losses).sum() if losses else None
