@@ -1,12 +1,14 @@
 #!/usr/bin/env python
 """Throughput of the ViT-Adapter backbone and of the full Mask R-CNN detector, with and without token reduction.
 
-Batch 1, as published. Random weights and a random image; every setting is measured in the same run, in
-interleaved rounds (the best round counts), so the speed-ups against the unreduced model are fair on a shared
-machine. Writes ``detection_throughput.csv`` (part, method, reduction_ratio, input_size, img_per_s, ms_per_img,
-speedup_vs_none, tokens_after_locs) to --output_dir.
+Batch 1, as published. Randomly initialised models (built from a detector config) and one random image; every
+setting is measured in the same run, interleaved over --repeats rounds after a warm-up, and each setting's best
+round counts, so the speed-ups against the unreduced model are fair on a shared machine. Writes
+detection_throughput.csv (part, method, reduction_ratio, input_size, img_per_s, ms_per_img, speedup_vs_none,
+tokens_after_locs) and, with --plot, detection_throughput.png to --output_dir.
 
-    python MMDet_setup/benchmark_backbone.py --input-size 512 --methods none tome average --reduction_ratio 0.7
+    python MMDet_setup/benchmark_backbone.py --input-size 512 --methods none tome average \\
+        --reduction_ratio 0.7 0.5 --runs 5 --repeats 3
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
 
 METHODS = ("none", "tome", "single", "complete", "average", "svit")
 
@@ -25,44 +28,62 @@ METHODS = ("none", "tome", "single", "complete", "average", "svit")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from mmengine.config import DictAction
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--config", default="MMDet_setup/configs/mask_rcnn/vit-adapter-t-3x.py",
-                   help="detector config (its backbone and head settings are used)")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=str(HERE / "configs" / "mask_rcnn" / "vit-adapter-t-3x.py"),
+                   help="detector config whose backbone/head settings are used (default: ViT-Adapter-T 3x; "
+                        "use vit-adapter-s-3x.py for S)")
     p.add_argument("--cfg-options", nargs="+", action=DictAction, default={},
                    help="override config keys, e.g. model.backbone.embed_dim=384")
     p.add_argument("--methods", nargs="+", default=["none", "tome", "average"], choices=METHODS,
-                   help="none = no reduction; tome or an ATC linkage = merging at the reduction locations; "
-                        "svit = dynamic pruning baseline")
-    p.add_argument("--reduction_ratio", "--keep_rate", dest="reduction_ratio", type=float, default=0.7,
-                   help="keep fraction of the current tokens at each reduction location, in (0, 1]")
+                   help="none = no reduction; tome or an ATC linkage (single|complete|average) = merging at the "
+                        "reduction locations; svit = dynamic pruning baseline (keep_ratio = the ratio)")
+    p.add_argument("--reduction_ratio", "--keep_rate", dest="reduction_ratio", type=float, nargs="+", default=[0.7],
+                   help="keep fraction(s) of the current tokens at each reduction location, in (0, 1]; several "
+                        "values are measured in the same run")
     p.add_argument("--input-size", "--input_size", dest="input_size", type=int, default=512,
-                   help="square image side in pixels (multiple of 32)")
+                   help="square image side in pixels (multiple of 32); the detector is run at this size")
     p.add_argument("--parts", nargs="+", default=["backbone", "detector"], choices=["backbone", "detector"],
                    help="time the backbone alone and/or the whole detector (inference mode)")
     p.add_argument("--runs", type=int, default=5, help="timed forward passes per setting and round")
-    p.add_argument("--warmup", type=int, default=1, help="untimed forward passes before the rounds")
+    p.add_argument("--warmup", type=int, default=2, help="untimed forward passes per setting before the rounds")
     p.add_argument("--repeats", type=int, default=3, help="interleaved rounds; each setting's best round counts")
-    p.add_argument("--device", default="cpu", help="torch device")
+    p.add_argument("--use_amp", action="store_true", help="autocast (bf16 on CPU, fp16 on CUDA)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--seed", type=int, default=0, help="random seed for weights and input")
-    p.add_argument("--output_dir", default="output/detection_benchmark", help="folder for the CSV")
+    p.add_argument("--plot", action="store_true", help="also write detection_throughput.png (speed-up per ratio)")
+    p.add_argument("--output_dir", default="output/detection_benchmark", help="folder for the CSV (and plot)")
     args = p.parse_args(argv)
-    if not 0 < args.reduction_ratio <= 1:
-        p.error(f"--reduction_ratio is the keep fraction and must be in (0, 1], got {args.reduction_ratio}")
+    for kr in args.reduction_ratio:
+        if not 0 < kr <= 1:
+            p.error(f"--reduction_ratio {kr} is not a keep fraction in (0, 1] (0.7 keeps 70% per location)")
     if args.input_size < 32 or args.input_size % 32:
         p.error(f"--input-size must be a positive multiple of 32, got {args.input_size}")
-    if "tome" in args.methods and args.reduction_ratio < 0.5:
-        p.error("ToMe removes at most half the tokens per location: use --reduction_ratio >= 0.5 with tome")
     for name in ("runs", "repeats"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be at least 1")
+    if args.warmup < 0:
+        p.error("--warmup must be >= 0")
     return args
 
 
-def _model_cfg(cfg, method: str, keep: float) -> dict:
+def settings(methods: list[str], ratios: list[float]) -> tuple[list[tuple[str, float]], list[str]]:
+    """(method, keep) pairs to measure, and notes on pairs that cannot run (ToMe below 0.5)."""
+    pairs, notes = [], []
+    if "none" in methods:
+        pairs.append(("none", 1.0))
+    for method in (m for m in methods if m != "none"):
+        for kr in ratios:
+            if method == "tome" and kr < 0.5:
+                notes.append(f"skipped tome at keep {kr}: ToMe removes at most half the tokens per location")
+                continue
+            pairs.append((method, kr))
+    return pairs, notes
+
+
+def _model_cfg(cfg, method: str, keep: float, size: int) -> dict:
     model = cfg.model.to_dict() if hasattr(cfg.model, "to_dict") else dict(cfg.model)
-    backbone = dict(model["backbone"])
+    backbone = {k: v for k, v in model["backbone"].items() if k != "pretrained"}
     if method == "none":
         backbone["reduction_ratio"] = None
     elif method == "svit":
@@ -71,6 +92,7 @@ def _model_cfg(cfg, method: str, keep: float) -> dict:
     else:
         backbone.update(reduction_ratio=keep, linkage=method)
     model["backbone"] = backbone
+    model["min_size"] = model["max_size"] = size  # run the detector at exactly --input-size
     return model
 
 
@@ -80,74 +102,86 @@ def main(argv: list[str] | None = None) -> list[dict]:
     from tqdm import tqdm
 
     from atc.detection.detector import build_detector
-    from atc.engine import ConfigError
-    from atc.utils import seed_everything, write_csv
+    from atc.engine import ConfigError, amp_dtype_for, autocast
+    from atc.utils import line_plot, seed_everything, write_csv
     from train_mmdet import load_config
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
     try:
         cfg = load_config(args.config, args.cfg_options)
-    except ConfigError as exc:
+        device = torch.device(args.device)
+        amp = amp_dtype_for(device, args.use_amp)
+    except (ConfigError, RuntimeError) as exc:
         sys.exit(f"error: {exc}")
     size = args.input_size
     seed_everything(args.seed)
     image = torch.rand(1, 3, size, size, device=device)
+    pairs, notes = settings(args.methods, args.reduction_ratio)
+    for note in notes:
+        print(f"note: {note}")
 
-    settings = []  # (part, method, callable, model)
-    for method in args.methods:
-        model_cfg = _model_cfg(cfg, method, args.reduction_ratio)
-        model_cfg["min_size"] = model_cfg["max_size"] = size
-        seed_everything(args.seed)
+    runs = []  # (part, method, keep, fn, backbone)
+    for method, keep in pairs:
+        seed_everything(args.seed)  # same weights for every setting
         try:
-            detector = build_detector(model_cfg).to(device).eval()
+            detector = build_detector(_model_cfg(cfg, method, keep, size)).to(device).eval()
         except (ValueError, TypeError) as exc:
             sys.exit(f"error: bad model config for {method}: {exc}")
         backbone = detector.backbone.body
         if "backbone" in args.parts:
-            settings.append(("backbone", method, lambda b=backbone: b(image), backbone))
+            runs.append(("backbone", method, keep, lambda b=backbone: b(image), backbone))
         if "detector" in args.parts:
-            settings.append(("detector", method, lambda d=detector: d([image[0]]), backbone))
+            runs.append(("detector", method, keep, lambda d=detector: d([image[0]]), backbone))
 
-    best = {(part, method): 0.0 for part, method, _, _ in settings}
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    best = {(part, method, keep): 0.0 for part, method, keep, _, _ in runs}
     tokens = {}
-    with torch.inference_mode():
-        for _, _, fn, _ in settings:
+    with torch.inference_mode(), autocast(device, amp):
+        for part, method, keep, fn, backbone in tqdm(runs, desc="warm-up", leave=False):
             for _ in range(args.warmup):
                 fn()
-        bar = tqdm(total=args.repeats * len(settings) * args.runs, desc="benchmark", unit="fwd")
+        bar = tqdm(total=args.repeats * len(runs) * args.runs, desc="benchmark", unit="fwd")
         for _ in range(args.repeats):
-            for part, method, fn, _ in settings:
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
+            for part, method, keep, fn, backbone in runs:
+                sync()
                 start = time.perf_counter()
                 for _ in range(args.runs):
                     fn()
-                    bar.update(1)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                best[part, method] = max(best[part, method], args.runs / (time.perf_counter() - start))
+                sync()
+                elapsed = time.perf_counter() - start
+                bar.update(args.runs)
+                best[part, method, keep] = max(best[part, method, keep], args.runs / elapsed)
+                counts = getattr(backbone, "last_token_counts", [])
+                tokens[method, keep] = "/".join(map(str, counts)) if counts else "-"
         bar.close()
-    for _, method, _, backbone in settings:  # token counts after each reduction location in the last forward
-        tokens[method] = "/".join(map(str, getattr(backbone, "last_token_counts", []))) or "-"
 
     rows = []
-    for part, method, _, _ in settings:
-        base = best.get((part, "none"))
-        rows.append({"part": part, "method": method,
-                     "reduction_ratio": 1.0 if method == "none" else args.reduction_ratio,
-                     "input_size": size, "img_per_s": round(best[part, method], 3),
-                     "ms_per_img": round(1000 / best[part, method], 2),
-                     "speedup_vs_none": round(best[part, method] / base, 3) if base else float("nan"),
-                     "tokens_after_locs": tokens[method] if method not in ("none", "svit") else "-"})
+    grid = (size // 16) ** 2
+    for part, method, keep, _, _ in runs:
+        base = best.get((part, "none", 1.0))
+        rate = best[part, method, keep]
+        rows.append({"part": part, "method": method, "reduction_ratio": keep, "input_size": size,
+                     "img_per_s": round(rate, 3), "ms_per_img": round(1000 / rate, 2),
+                     "speedup_vs_none": round(rate / base, 3) if base else float("nan"),
+                     "tokens_after_locs": f"{grid} (no reduction)" if method == "none" else tokens[method, keep]})
     out = Path(args.output_dir)
     path = write_csv(rows, out / "detection_throughput.csv")
-    print(f"{'part':9s} {'method':9s} {'keep':>5s} {'img/s':>8s} {'ms/img':>8s} {'vs none':>8s}  tokens")
+    print(f"{'part':9s} {'method':9s} {'keep':>5s} {'img/s':>8s} {'ms/img':>8s} {'vs none':>8s}  tokens after 3/6/9")
     for r in rows:
         print(f"{r['part']:9s} {r['method']:9s} {r['reduction_ratio']:5.2f} {r['img_per_s']:8.2f} "
               f"{r['ms_per_img']:8.1f} {r['speedup_vs_none']:7.3f}x  {r['tokens_after_locs']}")
     print(f"wrote {path}")
+    if args.plot:
+        reduced = [r for r in rows if r["method"] != "none"]
+        if reduced:
+            png = line_plot(reduced, "reduction_ratio", "speedup_vs_none", ["part", "method"],
+                            out / "detection_throughput.png", xlabel="keep fraction per location",
+                            ylabel="speed-up vs no reduction", title=f"ViT-Adapter throughput, {size}px, batch 1")
+            print(f"wrote {png}")
     return rows
 
 

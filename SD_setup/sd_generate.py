@@ -175,8 +175,12 @@ def main(argv: list[str] | None = None) -> Path:
     from diffusers import DiffusionPipeline
 
     dtype = torch.float16 if device.type == "cuda" and not args.use_full_precision else torch.float32
+    import diffusers.pipelines.pipeline_utils as pipeline_utils
+
+    # diffusers >= 0.36 names the argument `dtype` (and deprecates `torch_dtype`); older releases only know the latter.
+    dtype_kw = "dtype" if hasattr(pipeline_utils, "_resolve_dtype") else "torch_dtype"
     try:
-        pipe = DiffusionPipeline.from_pretrained(args.model, torch_dtype=dtype, local_files_only=True).to(device)
+        pipe = DiffusionPipeline.from_pretrained(args.model, local_files_only=True, **{dtype_kw: dtype}).to(device)
     except (OSError, ValueError, KeyError) as err:
         raise SystemExit(f"cannot load a diffusers pipeline from {args.model}: {err}") from None
     pipe.set_progress_bar_config(disable=True)

@@ -111,7 +111,8 @@ def build_tiny_pipeline(sdxl: bool = False, seed: int = 0):
         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), norm_num_groups=4, sample_size=32,
     ).eval()
     scheduler = DDIMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
+        steps_offset=1,  # as SD 1.x ships it (0 triggers a diffusers deprecation warning)
     )
     positions = tokenizer.model_max_length
     if not sdxl:

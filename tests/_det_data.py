@@ -53,5 +53,5 @@ TINY_OPTIONS = [
     "data.workers_per_gpu=0", "data.train.ann_file=annotations/instances.json", "data.train.img_prefix=images/",
     "data.val.ann_file=annotations/instances.json", "data.val.img_prefix=images/",
     "data.test.ann_file=annotations/instances.json", "data.test.img_prefix=images/",
-    "load_from=None", "device=cpu",
+    "load_from=None", "model.backbone.pretrained=None", "fp16=None", "device=cpu", "auto_resume=True",
 ]

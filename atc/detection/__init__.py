@@ -17,15 +17,21 @@ __all__ = ["ViTAdapter", "SViTAdapter", "vit_adapter_tiny", "vit_adapter_small",
 
 
 def register_with_mmdet() -> bool:
-    """Register the backbones with mmdet's model registry; returns False when mmdet is not importable."""
+    """Register the backbones with mmdet's model registry (mmdet 3.x ``mmdet.registry.MODELS``, else mmdet 2.x
+    ``mmdet.models.builder.BACKBONES``); returns False when mmdet cannot be imported. Untested against a real
+    mmdet here (its compiled mmcv ops do not build on the project's machines)."""
+    registry = None
     try:
-        from mmdet.registry import MODELS  # type: ignore[import-not-found]
-    except Exception:  # noqa: BLE001 - mmdet missing or its compiled mmcv ops broken: nothing to register
-        return False
+        from mmdet.registry import MODELS as registry  # type: ignore[import-not-found]  # noqa: N811
+    except Exception:  # noqa: BLE001 - mmdet missing, 2.x, or its compiled mmcv ops broken
+        try:
+            from mmdet.models.builder import BACKBONES as registry  # type: ignore[import-not-found]  # noqa: N811
+        except Exception:  # noqa: BLE001
+            return False
     for name, obj in (("ViTAdapter", ViTAdapter), ("SViTAdapter", SViTAdapter), ("ViTAdapterT", vit_adapter_tiny),
                       ("ViTAdapterS", vit_adapter_small)):
-        if MODELS.get(name) is None:
-            MODELS.register_module(name=name, module=obj)
+        if registry.get(name) is None:
+            registry.register_module(name=name, module=obj)
     return True
 
 

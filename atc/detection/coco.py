@@ -14,6 +14,8 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from atc.data.common import DatasetError
+
 __all__ = ["CocoInstances", "collate", "coco_evaluate"]
 
 
@@ -33,8 +35,11 @@ class CocoInstances(Dataset):
                                     f"(e.g. --cfg-options data_root=/path/to/coco/)")
         if not self.img_dir.is_dir():
             raise FileNotFoundError(f"image folder '{self.img_dir}' not found: set data_root / data.*.img_prefix")
-        with contextlib.redirect_stdout(io.StringIO()):
-            self.coco = COCO(str(ann_file))
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                self.coco = COCO(str(ann_file))
+        except (ValueError, KeyError, TypeError) as exc:  # not JSON / not COCO instances
+            raise DatasetError(f"'{ann_file}' is not a COCO instances annotation file: {exc!r}") from exc
         self.ids = sorted(self.coco.imgs)
         self.cat_ids = sorted(self.coco.cats)
         self.cat_to_label = {c: i + 1 for i, c in enumerate(self.cat_ids)}
@@ -51,10 +56,11 @@ class CocoInstances(Dataset):
             with Image.open(path) as im:
                 img = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
         except (FileNotFoundError, UnidentifiedImageError, OSError) as exc:
-            raise RuntimeError(f"cannot read image '{path}' (image id {img_id}): {exc}. Fix or remove it from "
+            raise DatasetError(f"cannot read image '{path}' (image id {img_id}): {exc}. Fix or remove it from "
                                f"the annotation file.") from exc
         h, w = img.shape[:2]
-        anns = [a for a in self.coco.imgToAnns[img_id] if not a.get("iscrowd", 0) and a["bbox"][2] > 1 and a["bbox"][3] > 1]
+        anns = [a for a in self.coco.imgToAnns[img_id]
+                if not a.get("iscrowd", 0) and a["bbox"][2] > 1 and a["bbox"][3] > 1]
         boxes = torch.tensor([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]]
                               for a in anns], dtype=torch.float32).reshape(-1, 4)
         labels = torch.tensor([self.cat_to_label[a["category_id"]] for a in anns], dtype=torch.int64)

@@ -22,13 +22,15 @@ BACKBONES = {"ViTAdapter": ViTAdapter, "ViTAdapterT": vit_adapter_tiny, "ViTAdap
              "SViTAdapter": SViTAdapter}
 
 
-def build_backbone(cfg: Mapping[str, Any]) -> ViTAdapter:
+def build_backbone(cfg: Mapping[str, Any], load_pretrained: bool = False) -> ViTAdapter:
+    """Backbone from ``dict(type=..., **kwargs)``; ``pretrained`` (a local DeiT checkpoint) is only loaded with
+    ``load_pretrained`` (training from scratch), as mmdet only uses it when initialising weights."""
     cfg = dict(cfg)
     kind = cfg.pop("type", "ViTAdapter")
     if kind not in BACKBONES:
         raise ValueError(f"unknown backbone type {kind!r}: choose one of {sorted(BACKBONES)}")
-    cfg.pop("pretrained", None)
-    return BACKBONES[kind](**cfg)
+    pretrained = cfg.pop("pretrained", None)
+    return BACKBONES[kind](**cfg, pretrained=pretrained if load_pretrained else None)
 
 
 class BackboneWithFPN(nn.Module):
@@ -57,23 +59,35 @@ class DetectorWithAux(MaskRCNN):
         return out
 
 
-def build_detector(model_cfg: Mapping[str, Any]) -> MaskRCNN:
+def build_detector(model_cfg: Mapping[str, Any], load_pretrained: bool = False) -> MaskRCNN:
     """Build from ``model = dict(backbone=dict(...), neck=dict(out_channels), num_classes, min_size, max_size,
     anchor_sizes, representation_size, mask_dim, detector=dict(**torchvision MaskRCNN kwargs))``.
 
-    ``num_classes`` excludes background (mmdet convention; torchvision's +1 is added here).
+    ``num_classes`` excludes background (mmdet convention; torchvision's +1 is added here). ``min_size`` may be
+    a list: training picks one at random per batch (multi-scale), evaluation uses the last.
     """
     cfg = dict(model_cfg)
-    backbone = BackboneWithFPN(build_backbone(cfg["backbone"]), int(cfg.get("neck", {}).get("out_channels", 256)))
+    unknown = set(cfg) - {"type", "backbone", "neck", "num_classes", "min_size", "max_size", "anchor_sizes",
+                          "representation_size", "mask_dim", "detector"}
+    if unknown:
+        raise ValueError(f"unknown model keys {sorted(unknown)} (this engine builds torchvision's Mask R-CNN; "
+                         f"see docs/detection.md for the supported keys)")
+    if cfg.get("type", "MaskRCNN") != "MaskRCNN":
+        raise ValueError(f"model.type {cfg['type']!r} is not supported: only MaskRCNN")
+    backbone = BackboneWithFPN(build_backbone(cfg["backbone"], load_pretrained),
+                               int(cfg.get("neck", {}).get("out_channels", 256)))
     ch = backbone.out_channels
     sizes = tuple((int(s),) for s in cfg.get("anchor_sizes", (32, 64, 128, 256, 512)))
     if len(sizes) != 5:
         raise ValueError(f"anchor_sizes needs 5 values (one per FPN level), got {len(sizes)}")
     anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * 5)
-    rep, mask_dim, ncls = int(cfg.get("representation_size", 1024)), int(cfg.get("mask_dim", 256)), int(cfg["num_classes"]) + 1
+    rep, mask_dim = int(cfg.get("representation_size", 1024)), int(cfg.get("mask_dim", 256))
+    ncls = int(cfg["num_classes"]) + 1
     names = ["0", "1", "2", "3"]
+    min_size = cfg.get("min_size", 800)
+    min_size = tuple(int(v) for v in min_size) if isinstance(min_size, (list, tuple)) else int(min_size)
     return DetectorWithAux(
-        backbone, num_classes=None, min_size=int(cfg.get("min_size", 800)), max_size=int(cfg.get("max_size", 1333)),
+        backbone, num_classes=None, min_size=min_size, max_size=int(cfg.get("max_size", 1333)),
         rpn_anchor_generator=anchors,
         box_roi_pool=MultiScaleRoIAlign(names, 7, 2), box_head=TwoMLPHead(ch * 49, rep),
         box_predictor=FastRCNNPredictor(rep, ncls),

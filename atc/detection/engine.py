@@ -1,13 +1,17 @@
 """Detection training/evaluation loop driven by an mmdet-style mmengine Config.
 
-Reuses atc.engine's AMP helpers, checkpointing (atomic), logger (CSV/JSONL/W&B) and atc.distributed.
+Reuses :mod:`atc.engine`'s AMP helpers, atomic checkpoints and epoch logger (CSV/JSONL/W&B) and
+:mod:`atc.distributed` (torchrun: NCCL on GPU, gloo on CPU). Config keys follow mmdet 2.x, as the published
+configs: ``optimizer`` (+ ``paramwise_cfg.custom_keys``), ``optimizer_config.grad_clip``, ``lr_config`` (step
+policy with linear warm-up, counted in iterations), ``runner.max_epochs``, ``cumulative_iters``, ``fp16``/``amp``,
+``checkpoint_config`` (``interval``, ``max_keep_ckpts``), ``evaluation``, ``load_from``, ``resume_from``,
+``work_dir``.
 """
 
 from __future__ import annotations
 
-import math
+import contextlib
 import os
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -18,21 +22,29 @@ from tqdm import tqdm
 from atc import distributed as D
 from atc.detection.coco import CocoInstances, coco_evaluate, collate, to_coco_results
 from atc.detection.detector import build_detector
-from atc.engine import ConfigError, EpochLogger, amp_dtype_for, autocast, save_checkpoint
+from atc.detection.vit_adapter import vit_state_dict_for_adapter
+from atc.engine import ConfigError, EpochLogger, amp_dtype_for, autocast, save_checkpoint, usable_workers
 from atc.utils import seed_everything
 
-__all__ = ["build_dataset", "build_model", "evaluate", "train", "load_weights"]
+__all__ = ["build_dataset", "build_model", "build_optimizer", "evaluate", "train", "load_weights",
+           "load_checkpoint_model"]
 
 
 def _resolve(root: str, path: str) -> str:
     return path if os.path.isabs(path) else os.path.join(root, path)
 
 
+def _plain(obj: Any) -> Any:
+    return obj.to_dict() if hasattr(obj, "to_dict") else obj
+
+
 def build_dataset(cfg: Any, split: str) -> CocoInstances:
     """``cfg.data[split]`` with ``ann_file``/``img_prefix`` relative to ``cfg.data_root`` (so overriding
     ``data_root`` alone moves every split)."""
+    if split not in cfg.data:
+        raise ConfigError(f"the config has no data.{split} split")
     d = cfg.data[split]
-    root = cfg.get("data_root", "")
+    root = cfg.get("data_root", "") or ""
     if root and not Path(root).is_dir():
         raise ConfigError(f"data_root '{root}' does not exist: pass --cfg-options data_root=/path/to/coco/")
     try:
@@ -42,54 +54,111 @@ def build_dataset(cfg: Any, split: str) -> CocoInstances:
         raise ConfigError(str(exc)) from exc
 
 
-def build_model(cfg: Any) -> torch.nn.Module:
+def build_model(cfg: Any, load_pretrained: bool = False) -> torch.nn.Module:
+    """The detector of ``cfg.model``; bad settings (linkage, keep fraction, unknown keys) become a ConfigError."""
     try:
-        return build_detector(cfg.model.to_dict() if hasattr(cfg.model, "to_dict") else cfg.model)
-    except (ValueError, TypeError) as exc:
+        return build_detector(_plain(cfg.model), load_pretrained=load_pretrained)
+    except (ValueError, TypeError, FileNotFoundError) as exc:
         raise ConfigError(f"bad model config: {exc}") from exc
 
 
-def load_weights(model: torch.nn.Module, path: str) -> None:
-    """``load_from``: a local checkpoint (ours, with 'model', or a plain/'state_dict' dict). Loads strictly for
-    our checkpoints; for others only matching keys (e.g. backbone weights) and reports what was skipped."""
+def _load(path: str | os.PathLike, what: str) -> tuple[Any, dict[str, Any]]:
+    """``(checkpoint, state_dict)`` of a local file (``model``/``state_dict`` entry or a bare state dict)."""
     if not Path(path).is_file():
-        raise ConfigError(f"load_from '{path}' not found (only local files are supported; nothing is downloaded)")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        raise ConfigError(f"{what} '{path}' not found (only local files are used; nothing is downloaded)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file: say which and why
+        raise ConfigError(f"cannot read {what} '{path}': {exc}") from exc
     state = ckpt.get("model", ckpt.get("state_dict", ckpt)) if isinstance(ckpt, dict) else None
-    if not isinstance(state, dict):
-        raise ConfigError(f"'{path}' holds no state dict")
+    if not isinstance(state, dict) or not state:
+        raise ConfigError(f"{what} '{path}' holds no state dict")
+    return ckpt, state
+
+
+def _mismatch(state: dict[str, Any], own: dict[str, Any]) -> list[str]:
+    return [k for k in state if k in own and tuple(state[k].shape) != tuple(own[k].shape)]
+
+
+def load_checkpoint_model(model: torch.nn.Module, path: str | os.PathLike, what: str = "checkpoint") -> dict:
+    """Strictly load a detector checkpoint written by the training loop; a checkpoint of another architecture
+    (other widths, backbone type or class count) is a clear :class:`ConfigError`. Returns the raw checkpoint."""
+    ckpt, state = _load(path, what)
     own = model.state_dict()
-    fit = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    bad, missing = _mismatch(state, own), [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if bad or missing or unexpected:
+        detail = (f"shape mismatch for {bad[:3]} (e.g. {tuple(state[bad[0]].shape)} in the file vs "
+                  f"{tuple(own[bad[0]].shape)} here)" if bad else
+                  f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}")
+        raise ConfigError(f"{what} '{path}' does not fit this config's model (another architecture? compare "
+                          f"model.backbone type/embed_dim/depth and model.num_classes): {detail}")
+    model.load_state_dict(state)
+    return ckpt if isinstance(ckpt, dict) else {}
+
+
+def load_weights(model: torch.nn.Module, path: str) -> None:
+    """``load_from``: initialise from a local checkpoint, as mmdet does for fine-tuning.
+
+    A detector checkpoint (ours) loads every tensor it shares with the model; new parts (e.g. SViT's selectors
+    when fine-tuning from ``vit-adapter-t-3x``) keep their initialisation, and a shape mismatch inside the
+    backbone is an error (another architecture). A plain DeiT/timm ViT checkpoint initialises the backbone's
+    ViT part.
+    """
+    _, state = _load(path, "load_from")
+    own = model.state_dict()
+    if any(k.startswith("backbone.") for k in state):
+        bad = _mismatch(state, own)
+        if any(k.startswith("backbone.body.") for k in bad):
+            raise ConfigError(f"load_from '{path}' does not fit this model's backbone (another architecture?): "
+                              f"shape mismatch for {[k for k in bad if k.startswith('backbone.body.')][:3]}")
+        fit = {k: v for k, v in state.items() if k in own and k not in bad}
+    else:
+        fit = vit_state_dict_for_adapter(state, model.backbone.body, prefix="backbone.body.")
     if not fit:
-        fit = _vit_backbone_weights(state, own)
-    if not fit:
-        raise ConfigError(f"checkpoint '{path}' shares no weights with this model (wrong architecture? check "
-                          f"model.backbone embed_dim/depth and num_classes)")
+        raise ConfigError(f"load_from '{path}' shares no weights with this model (wrong architecture? check "
+                          f"model.backbone embed_dim/depth)")
     model.load_state_dict(fit, strict=False)
-    if D.is_main_process() and len(fit) < len(own):
-        print(f"load_from: loaded {len(fit)}/{len(own)} tensors from {path}")
+    if D.is_main_process():
+        skipped = [k for k in state if k not in fit]
+        print(f"load_from: loaded {len(fit)}/{len(own)} tensors from {path}"
+              + (f"; skipped {len(skipped)} (e.g. {skipped[:2]})" if skipped else ""))
 
 
-def _vit_backbone_weights(state: dict[str, Any], own: dict[str, Any]) -> dict[str, Any]:
-    """A plain timm/DeiT ViT checkpoint as backbone initialisation (as the published configs do): keys get the
-    ``backbone.body.`` prefix, ``patch_embed.proj`` becomes ``patch_embed``, and the position embedding loses its
-    class/distillation tokens and is resampled to the backbone's pretraining grid."""
-    out = {}
-    for key, value in state.items():
-        name = "backbone.body." + key.replace("patch_embed.proj.", "patch_embed.")
-        if name not in own:
+def build_optimizer(model: torch.nn.Module, optimizer_cfg: dict[str, Any]) -> torch.optim.Optimizer:
+    """AdamW with mmcv's ``paramwise_cfg.custom_keys``: the longest key contained in a parameter's name sets its
+    ``lr_mult``/``decay_mult`` (the published configs exempt ``level_embed``, ``pos_embed``, ``norm`` and
+    ``bias`` from weight decay)."""
+    cfg = dict(optimizer_cfg)
+    cfg.pop("_delete_", None)
+    kind = cfg.pop("type", "AdamW")
+    if kind != "AdamW":
+        raise ConfigError(f"optimizer type {kind!r} is not supported here: use AdamW (as the published configs)")
+    constructor = cfg.pop("constructor", None)
+    if constructor not in (None, "DefaultOptimizerConstructor"):
+        raise ConfigError(f"optimizer constructor {constructor!r} is not supported (the published ATC/SViT configs "
+                          f"use the default one with paramwise_cfg.custom_keys)")
+    paramwise = dict(cfg.pop("paramwise_cfg", None) or {})
+    custom = {k: dict(v) for k, v in dict(paramwise.pop("custom_keys", None) or {}).items()}
+    if paramwise:
+        raise ConfigError(f"optimizer.paramwise_cfg keys {sorted(paramwise)} are not supported (only custom_keys)")
+    for key, mult in custom.items():
+        if set(mult) - {"lr_mult", "decay_mult"}:
+            raise ConfigError(f"paramwise_cfg.custom_keys.{key} supports lr_mult and decay_mult, got {sorted(mult)}")
+    lr, wd = float(cfg.pop("lr")), float(cfg.pop("weight_decay", 0.0))
+    keys = sorted(custom, key=lambda k: (-len(k), k))  # mmcv: longer (more specific) keys win
+    groups: dict[tuple[float, float], list[torch.nn.Parameter]] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
             continue
-        if key == "pos_embed" and value.shape != own[name].shape:
-            grid = own[name].shape[1]
-            value = value[:, value.shape[1] - int(value.shape[1] ** 0.5) ** 2:]  # drop prefix tokens
-            side, new_side = int(value.shape[1] ** 0.5), int(grid ** 0.5)
-            if side != new_side:
-                value = torch.nn.functional.interpolate(
-                    value.reshape(1, side, side, -1).permute(0, 3, 1, 2).float(), size=(new_side, new_side),
-                    mode="bicubic", align_corners=False).permute(0, 2, 3, 1).reshape(1, grid, -1)
-        if value.shape == own[name].shape:
-            out[name] = value
-    return out
+        mult = next((custom[k] for k in keys if k in name), {})
+        group = (lr * float(mult.get("lr_mult", 1.0)), wd * float(mult.get("decay_mult", 1.0)))
+        groups.setdefault(group, []).append(param)
+    params = [{"params": p, "lr": g_lr, "initial_lr": g_lr, "weight_decay": g_wd} for (g_lr, g_wd), p in groups.items()]
+    try:
+        return torch.optim.AdamW(params, lr=lr, weight_decay=wd, **cfg)
+    except TypeError as exc:
+        raise ConfigError(f"bad optimizer setting: {exc}") from exc
 
 
 @torch.no_grad()
@@ -99,12 +168,11 @@ def evaluate(model: torch.nn.Module, dataset: CocoInstances, device: torch.devic
     model.eval()
     idx = list(range(D.get_rank(), len(dataset), D.get_world_size()))
     loader = DataLoader(torch.utils.data.Subset(dataset, idx), batch_size=batch_size, collate_fn=collate)
-    label_to_cat = dataset.cat_ids
     results: list[dict[str, Any]] = []
     for images, targets in tqdm(loader, desc="eval", disable=not D.is_main_process(), leave=False):
         with autocast(device, amp_dtype):
             outs = model([im.to(device) for im in images])
-        results += to_coco_results(outs, [int(t["image_id"]) for t in targets], label_to_cat)
+        results += to_coco_results(outs, [int(t["image_id"]) for t in targets], dataset.cat_ids)
     if D.is_dist():
         parts: list[Any] = [None] * D.get_world_size()
         torch.distributed.all_gather_object(parts, results)
@@ -112,70 +180,101 @@ def evaluate(model: torch.nn.Module, dataset: CocoInstances, device: torch.devic
     return coco_evaluate(dataset.coco, results, metrics, img_ids=dataset.ids)
 
 
-def _lr_factor(cfg: Any, epoch: int, it: int) -> float:
-    """mmdet ``lr_config``: linear warmup over ``warmup_iters`` from ``warmup_ratio``, then step decay ×0.1."""
-    lc = cfg.lr_config
-    factor = 0.1 ** sum(epoch >= s for s in lc.get("step", []))
-    warm = int(lc.get("warmup_iters", 0)) if lc.get("warmup") else 0
+def lr_factor(lr_config: dict[str, Any], epoch: int, it: int) -> float:
+    """mmcv's step policy: ×``gamma`` (0.1) at each epoch in ``step``; linear warm-up from ``warmup_ratio`` over
+    the first ``warmup_iters`` iterations (batches, as mmcv counts them)."""
+    policy = lr_config.get("policy", "step")
+    if policy != "step":
+        raise ConfigError(f"lr_config.policy {policy!r} is not supported (the published configs use 'step')")
+    factor = float(lr_config.get("gamma", 0.1)) ** sum(epoch >= s for s in lr_config.get("step", []))
+    warm = int(lr_config.get("warmup_iters", 0)) if lr_config.get("warmup") else 0
+    if lr_config.get("warmup") not in (None, "linear"):
+        raise ConfigError(f"lr_config.warmup {lr_config['warmup']!r} is not supported (use 'linear' or None)")
     if it < warm:
-        r = float(lc.get("warmup_ratio", 0.001))
+        r = float(lr_config.get("warmup_ratio", 0.001))
         factor *= r + (1 - r) * it / warm
     return factor
 
 
+def _amp(cfg: Any, device: torch.device) -> tuple[torch.dtype | None, Any]:
+    """``fp16=dict(loss_scale=dict(init_scale=512))`` (published) or ``amp=True``: fp16 + GradScaler on CUDA,
+    bf16 autocast (no scaler) on CPU."""
+    fp16 = cfg.get("fp16")
+    dtype = amp_dtype_for(device, bool(cfg.get("amp", False) or fp16))
+    if dtype != torch.float16:
+        return dtype, None
+    scale = dict(dict(fp16 or {}).get("loss_scale") or {}) if isinstance(fp16, dict) else {}
+    return dtype, torch.amp.GradScaler("cuda", init_scale=float(scale.get("init_scale", 2.0**16)))
+
+
+def _prune_checkpoints(work: Path, keep: int) -> None:
+    if keep <= 0 or not D.is_main_process():
+        return
+    ckpts = sorted(work.glob("epoch_*.pth"), key=lambda p: int(p.stem.split("_")[1]))
+    for old in ckpts[:-keep]:
+        old.unlink(missing_ok=True)
+
+
 def train(cfg: Any, *, resume: str | None = None, wandb_project: str | None = None,
           wandb_group: str | None = None) -> dict[str, float]:
-    """Train ``cfg.runner.max_epochs`` epochs with accumulation (``cumulative_iters``) and AMP (``fp16`` or
-    ``amp``), evaluating every ``evaluation.interval`` epochs; checkpoints ``latest.pth``/``epoch_N.pth``
-    in ``cfg.work_dir``. Returns the last evaluation."""
-    device = D.init_distributed(cfg.get("device", "auto"))
-    seed_everything(int(cfg.get("seed", 0)) + D.get_rank())
+    """Train ``cfg.runner.max_epochs`` epochs with gradient accumulation (``cumulative_iters``) and AMP,
+    evaluating every ``evaluation.interval`` epochs; atomic checkpoints ``latest.pth``/``epoch_N.pth`` in
+    ``cfg.work_dir``. Resumes from ``resume`` or, when ``auto_resume`` (default), ``work_dir/latest.pth``.
+    Returns the last evaluation."""
+    device = D.init_distributed(str(cfg.get("device", "auto")))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if device.type == "cpu" and D.is_dist() and local_world > 1:  # share the cores instead of oversubscribing
+        torch.set_num_threads(max(1, usable_workers(os.cpu_count() or 1) // local_world))
+    seed = int(cfg.get("seed", 0))
+    seed_everything(seed + D.get_rank())
     work = Path(cfg.work_dir)
     accum = int(cfg.get("cumulative_iters", 1))
     if accum < 1:
         raise ConfigError(f"cumulative_iters must be >= 1, got {accum}")
-    train_set, val_set = build_dataset(cfg, "train"), build_dataset(cfg, "val")
-    model = build_model(cfg).to(device)
-    if cfg.get("load_from"):
-        load_weights(model, cfg.load_from)
-    opt_cfg = dict(cfg.optimizer)
-    kind = opt_cfg.pop("type", "AdamW")
-    if kind != "AdamW":
-        raise ConfigError(f"optimizer type {kind!r} is not supported here: use AdamW (as the published configs)")
-    ignored = [key for key in ("constructor", "paramwise_cfg") if opt_cfg.pop(key, None) is not None]
-    if ignored and D.is_main_process():
-        warnings.warn(f"optimizer {', '.join(ignored)} (e.g. mmdet's layer-wise lr decay) is not supported by this "
-                      f"engine and is ignored: every parameter gets lr {opt_cfg.get('lr')}", stacklevel=2)
-    base_lr = float(opt_cfg["lr"])
-    optimizer = torch.optim.AdamW(model.parameters(), **opt_cfg)
-    amp_dtype = amp_dtype_for(device, bool(cfg.get("amp", False) or cfg.get("fp16")))
-    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
-    start_epoch = 0
-    ckpt_path = Path(resume) if resume else (work / "latest.pth" if (work / "latest.pth").is_file() and
-                                             cfg.get("auto_resume", True) else None)
     if resume and not Path(resume).is_file():
         raise ConfigError(f"--resume '{resume}' does not exist")
+    ckpt_path = Path(resume) if resume else (work / "latest.pth" if cfg.get("auto_resume", True) and
+                                             (work / "latest.pth").is_file() else None)
+    train_set, val_set = build_dataset(cfg, "train"), build_dataset(cfg, "val")
+    model = build_model(cfg, load_pretrained=ckpt_path is None)
+    if ckpt_path is None and cfg.get("load_from"):
+        load_weights(model, cfg.load_from)
+    model.to(device)
+    optimizer = build_optimizer(model, _plain(cfg.optimizer))
+    amp_dtype, scaler = _amp(cfg, device)
+    start_epoch, res = 0, {}
     if ckpt_path is not None:
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        ck = load_checkpoint_model(model, ckpt_path, "resume checkpoint")
         try:
-            model.load_state_dict(ck["model"])
-        except (RuntimeError, KeyError) as exc:
-            raise ConfigError(f"checkpoint '{ckpt_path}' does not fit this config's model: "
-                              f"{str(exc).splitlines()[0]}") from exc
-        optimizer.load_state_dict(ck["optimizer"])
-        start_epoch = int(ck["epoch"])
-    ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if D.is_dist() else model
-    bs = int(cfg.data.samples_per_gpu)
-    sampler = DistributedSampler(train_set, D.get_world_size(), D.get_rank(), shuffle=True, seed=int(cfg.get("seed", 0)))
-    loader = DataLoader(train_set, batch_size=bs, sampler=sampler, collate_fn=collate,
-                        num_workers=int(cfg.data.get("workers_per_gpu", 0)))
-    grad_clip = (cfg.get("optimizer_config") or {}).get("grad_clip")
+            optimizer.load_state_dict(ck["optimizer"])
+        except (KeyError, ValueError) as exc:
+            raise ConfigError(f"resume checkpoint '{ckpt_path}' has no usable optimizer state (was the optimizer "
+                              f"config changed?): {exc}") from exc
+        if scaler is not None and ck.get("scaler"):
+            scaler.load_state_dict(ck["scaler"])
+        start_epoch, res = int(ck["epoch"]), dict(ck.get("metrics") or {})
+        if D.is_main_process():
+            print(f"resumed from {ckpt_path} (epoch {start_epoch})")
+    max_epochs = int(cfg.runner.max_epochs)
+    if ckpt_path is not None and start_epoch >= max_epochs and D.is_main_process():
+        print(f"nothing to do: the checkpoint already finished {start_epoch} of {max_epochs} epochs "
+              f"(raise runner.max_epochs to train longer)")
+    if D.is_dist() and device.type == "cuda":
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # published: SyncBN in the adapter
+    ddp = (torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                                     else None, find_unused_parameters=True)
+           if D.is_dist() else model)
+    sampler = DistributedSampler(train_set, D.get_world_size(), D.get_rank(), shuffle=True, seed=seed)
+    loader = DataLoader(train_set, batch_size=int(cfg.data.samples_per_gpu), sampler=sampler, collate_fn=collate,
+                        num_workers=usable_workers(int(cfg.data.get("workers_per_gpu", 0))))
+    lr_cfg = _plain(cfg.get("lr_config") or {})
+    grad_clip = (_plain(cfg.get("optimizer_config") or {})).get("grad_clip")
+    ckpt_cfg = _plain(cfg.get("checkpoint_config") or {})
+    eval_cfg = _plain(cfg.get("evaluation") or {})
+    interval, metrics = int(eval_cfg.get("interval", 1)), tuple(eval_cfg.get("metric", ("bbox", "segm")))
     logger = EpochLogger(work, start_epoch=start_epoch, wandb_project=wandb_project, wandb_group=wandb_group,
-                         config=cfg.to_dict() if hasattr(cfg, "to_dict") else None)
-    max_epochs, interval = int(cfg.runner.max_epochs), int(cfg.evaluation.get("interval", 1))
-    metrics = tuple(cfg.evaluation.get("metric", ("bbox", "segm")))
-    res: dict[str, float] = {}
-    it = start_epoch * math.ceil(len(loader) / accum)
+                         config=_plain(cfg))
+    it = start_epoch * len(loader)
     for epoch in range(start_epoch, max_epochs):
         sampler.set_epoch(epoch)
         ddp.train()
@@ -183,38 +282,50 @@ def train(cfg: Any, *, resume: str | None = None, wandb_project: str | None = No
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{max_epochs}", disable=not D.is_main_process())
         optimizer.zero_grad(set_to_none=True)
         for step, (images, targets) in enumerate(bar):
+            for g in optimizer.param_groups:
+                g["lr"] = g["initial_lr"] * lr_factor(lr_cfg, epoch, it)
             images = [im.to(device) for im in images]
             targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
-            with autocast(device, amp_dtype):
-                losses = ddp(images, targets)
-            loss = sum(losses.values())
-            if not torch.isfinite(loss):
-                raise RuntimeError(f"non-finite loss {loss.item()} at epoch {epoch + 1} step {step}: lower the "
-                                   f"lr (optimizer.lr) or enable grad clipping (optimizer_config.grad_clip)")
-            (scaler.scale(loss / accum) if scaler else loss / accum).backward()
-            if (step + 1) % accum == 0 or step + 1 == len(loader):
-                for g in optimizer.param_groups:
-                    g["lr"] = base_lr * _lr_factor(cfg, epoch, it)
+            update = (step + 1) % accum == 0 or step + 1 == len(loader)
+            # Under DDP, only the micro-batch that ends an accumulation round synchronises gradients.
+            sync = contextlib.nullcontext() if update or not D.is_dist() else ddp.no_sync()
+            with sync:
+                with autocast(device, amp_dtype):
+                    losses = ddp(images, targets)
+                loss = sum(losses.values())
+                if not torch.isfinite(loss):
+                    raise RuntimeError(f"non-finite loss {loss.item()} at epoch {epoch + 1} step {step}: lower "
+                                       f"optimizer.lr or set optimizer_config.grad_clip")
+                (scaler.scale(loss / accum) if scaler else loss / accum).backward()
+            if update:
                 if scaler:
                     scaler.unscale_(optimizer)
                 if grad_clip:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), float(grad_clip.get("max_norm", 35)))
-                (scaler.step(optimizer), scaler.update()) if scaler else optimizer.step()
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), float(dict(grad_clip).get("max_norm", 35)))
+                if scaler:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-                it += 1
+            it += 1
             total, n = total + loss.item(), n + 1
             bar.set_postfix(loss=f"{total / n:.3f}")
-        row: dict[str, Any] = {"epoch": epoch, "train_loss": total / max(n, 1), "lr": optimizer.param_groups[0]["lr"]}
+        row: dict[str, Any] = {"epoch": epoch, "train_loss": total / max(n, 1),
+                               "lr": max(g["lr"] for g in optimizer.param_groups)}
         if (epoch + 1) % interval == 0 or epoch + 1 == max_epochs:
             res = evaluate(model, val_set, device, metrics=metrics, amp_dtype=amp_dtype)
             row.update(res)
             if D.is_main_process():
-                print(f"epoch {epoch + 1}: " + " ".join(f"{k}={v:.4f}" for k, v in res.items() if k.endswith(("mAP", "_50"))))
+                print(f"epoch {epoch + 1}: " + " ".join(f"{k}={v:.4f}" for k, v in res.items()
+                                                       if k.endswith(("mAP", "_50"))))
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
-                 "config": cfg.pretty_text if hasattr(cfg, "pretty_text") else None, "metrics": res}
+                 "scaler": scaler.state_dict() if scaler else None, "metrics": res,
+                 "config": cfg.pretty_text if hasattr(cfg, "pretty_text") else None}
         save_checkpoint(work / "latest.pth", **state)
-        if (epoch + 1) % int(cfg.get("checkpoint_config", {}).get("interval", 1)) == 0:
+        if (epoch + 1) % int(ckpt_cfg.get("interval", 1)) == 0:
             save_checkpoint(work / f"epoch_{epoch + 1}.pth", **state)
+            _prune_checkpoints(work, int(ckpt_cfg.get("max_keep_ckpts", -1)))
         logger.log(row)
         D.barrier()
     logger.finish()

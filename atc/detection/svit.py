@@ -3,7 +3,7 @@ dynamic token pruning baseline for the ViT-Adapter.
 
 Per pruning block a selector ``LayerNorm -> Mlp(C, C/4, 2) -> LogSoftmax`` decides which tokens the block
 processes. Training: hard Gumbel-softmax (tau=1) decisions, unselected tokens are masked out of the attention
-keys and copied through; ratio loss ``4 * (mean(s) - keep)^2`` per block. Inference: only the selected
+keys and copied through; ratio loss ``4 * mean over blocks of (mean(s) - keep)^2``. Inference: only the selected
 tokens run through the block; the rest are copied, so the full grid is always kept for the adapter.
 Keep targets (REFERENCE §1): ``[.7,.7,.7,.49,.49,.49,.343,.343,.343]`` on blocks 3-11, i.e.
 ``keep_ratio ** stage``.
@@ -49,7 +49,7 @@ class SViTBlock(Block):
             # Pruned tokens are hidden from the attention keys (large negative bias), then copied through.
             bias = ((1 - s) * -1e4).squeeze(-1)[:, None, None, :]
             x = s * self._dense(x, bias) + (1 - s) * x
-            self.last_ratio_loss = 4 * (s.mean() - self.target_keep) ** 2
+            self.last_ratio_loss = (s.mean() - self.target_keep) ** 2
             self.last_kept = float(s.detach().mean())
             return x, size, merge
         keep = logp[..., 0] >= logp[..., 1]  # (B, T)
@@ -67,16 +67,21 @@ class SViTAdapter(ViTAdapter):
 
     block_cls = SViTBlock
 
-    def __init__(self, *, keep_ratio: float = 0.7, prune_start: int = 3, **kw: object) -> None:
-        kw.pop("reduction_ratio", None)
-        kw.pop("linkage", None)
+    def __init__(self, *, keep_ratio: float = 0.7, prune_start: int = 3, ratio_loss_weight: float = 4.0,
+                 **kw: object) -> None:
+        if kw.pop("reduction_ratio", None) is not None:
+            raise ValueError("SViTAdapter prunes dynamically with keep_ratio (targets keep_ratio**stage); "
+                             "set model.backbone.keep_ratio instead of reduction_ratio")
+        kw.pop("linkage", None)  # inherited from the merging configs; SViT has no clustering
         if not 0 < keep_ratio <= 1:
             raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio}")
         super().__init__(reduction_ratio=None, **kw)
-        self.keep_ratio = keep_ratio
+        self.keep_ratio, self.ratio_loss_weight = keep_ratio, float(ratio_loss_weight)
         for i, target in svit_keep_ratios(keep_ratio, prune_start, len(self.blocks)).items():
             self.blocks[i].target_keep = target
 
     def extra_loss(self) -> Tensor | None:
+        """SViT's ratio loss of the last training forward: ``ratio_loss_weight * mean over pruning blocks of
+        (kept fraction - target)^2`` (weight 4 as published); ``None`` in eval mode."""
         losses = [b.last_ratio_loss for b in self.blocks if getattr(b, "last_ratio_loss", None) is not None]
-        return torch.stack(losses).sum() if losses else None
+        return self.ratio_loss_weight * torch.stack(losses).mean() if losses else None

@@ -22,7 +22,8 @@ from torch import Tensor, nn
 from atc.detection.ms_deform_attn import MSDeformAttn
 from atc.merge import Merge, identity_merge, max_removable, merge_by_method, proportional_attention_bias
 
-__all__ = ["ViTAdapter", "Block", "LINKAGES", "planned_token_counts", "vit_adapter_tiny", "vit_adapter_small"]
+__all__ = ["ViTAdapter", "Block", "LINKAGES", "planned_token_counts", "vit_adapter_tiny", "vit_adapter_small",
+           "load_vit_weights", "vit_state_dict_for_adapter"]
 
 LINKAGES = ("tome", "single", "complete", "average")
 
@@ -98,7 +99,8 @@ class Block(nn.Module):
         if self.keep_rate is not None and merge is not None:
             t = x.shape[1]
             r = t - max(1, int(t * self.keep_rate))
-            r = min(r, max_removable(self.method, t, 0)) if self.method == "tome" else r
+            if self.method == "tome":  # keep >= 0.5 is checked up front; an odd count at 0.5 keeps one more token
+                r = min(r, max_removable(self.method, t, 0))
             options = {} if self.method == "tome" else {"linkage": self.linkage}
             step = merge_by_method(self.method, metric.float(), r, protected_tokens=0, **options)
             x, size = step.merge_wavg(x, size)
@@ -159,8 +161,8 @@ class ConvFFN(nn.Module):
 
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
-        self.fc1, self.dw, self.act, self.fc2 = (nn.Linear(dim, hidden), nn.Conv2d(hidden, hidden, 3, 1, 1, groups=hidden),
-                                                 nn.GELU(), nn.Linear(hidden, dim))
+        self.fc1, self.dw = nn.Linear(dim, hidden), nn.Conv2d(hidden, hidden, 3, 1, 1, groups=hidden)
+        self.act, self.fc2 = nn.GELU(), nn.Linear(hidden, dim)
 
     def forward(self, x: Tensor, shapes: Sequence[tuple[int, int]]) -> Tensor:
         x = self.fc1(x)
@@ -212,7 +214,12 @@ class ViTAdapter(nn.Module):
             reduction; ``1.0`` runs the reduction code path but keeps every token).
         linkage: ``tome`` (bipartite soft matching) or an ATC linkage ``single|complete|average``.
         proportional_attn: add ``log(size)`` to the attention logits of merged tokens.
-        norm: ``bn`` (as published, SyncBN under DDP on GPU) or ``gn`` for the conv parts.
+        norm: ``bn`` (as published; converted to SyncBN by the training engine under DDP on GPU) or ``gn``.
+        use_extra_extractor: two more extractors after the last stage (ViT-Adapter's default).
+        pretrained: optional local DeiT/timm ViT checkpoint loaded into the plain-ViT part (patch embedding,
+            position embedding, blocks), as mmdet's ``init_cfg``/``pretrained`` would; nothing is downloaded.
+        layer_scale, window_attn, window_size: accepted for config compatibility; only the published values
+            (``False`` / all ``False`` / all ``None``) are supported.
     Input ``(B, 3, H, W)`` with H, W divisible by 32; output ``[f1, f2, f3, f4]``, ``(B, embed_dim, H/s, W/s)``
     for strides 4, 8, 16, 32.
     """
@@ -226,10 +233,18 @@ class ViTAdapter(nn.Module):
                  interaction_indexes: Sequence[Sequence[int]] = ((0, 2), (3, 5), (6, 8), (9, 11)),
                  reduction_ratio: float | None = None, linkage: str = "average",
                  reduction_loc: Sequence[int] = (3, 6, 9), proportional_attn: bool = True, norm: str = "bn",
+                 use_extra_extractor: bool = True, pretrained: str | None = None, layer_scale: bool = False,
+                 window_attn: Sequence[bool] | None = None, window_size: Sequence[int | None] | None = None,
                  **unused: object) -> None:
         super().__init__()
         if unused:
             raise TypeError(f"ViTAdapter got unknown arguments {sorted(unused)}")
+        # Keys of the published configs that only have one supported value here.
+        if layer_scale:
+            raise ValueError("layer_scale=True is not supported (the published DeiT-based configs use False)")
+        if any(window_attn or []) or any(s is not None for s in (window_size or [])):
+            raise ValueError("window attention is not supported: use window_attn=[False]*depth, "
+                             "window_size=[None]*depth")
         if linkage not in LINKAGES:
             raise ValueError(f"unknown linkage {linkage!r}: choose one of {', '.join(LINKAGES)}")
         if reduction_ratio is not None and not 0 < float(reduction_ratio) <= 1:
@@ -268,9 +283,14 @@ class ViTAdapter(nn.Module):
                                        for _ in idx)
         self.extractors = nn.ModuleList(Extractor(embed_dim, deform_num_heads, n_points, deform_ratio, cffn_ratio,
                                                   drop_path_rate) for _ in idx)
+        self.extra_extractors = nn.ModuleList(
+            Extractor(embed_dim, deform_num_heads, n_points, deform_ratio, cffn_ratio, 0.0)
+            for _ in range(2 if use_extra_extractor else 0))
         self.up = nn.ConvTranspose2d(embed_dim, embed_dim, 2, 2)
         self.norms = nn.ModuleList(_norm2d(norm, embed_dim) for _ in range(4))
         self.last_token_counts: list[int] = []  # tokens after each reduction location in the last forward
+        if pretrained:
+            load_vit_weights(self, pretrained)
 
     def _pos_embed(self, h: int, w: int) -> Tensor:
         g = self.pretrain_grid
@@ -311,6 +331,9 @@ class ViTAdapter(nn.Module):
                     self.last_token_counts.append(tokens.shape[1])
             full = merge.unmerge(tokens) if reduce else tokens
             c = self.extractors[stage](c, ref_ext, full, (h, w), c_shapes)
+            if stage == len(self.interaction_indexes) - 1:
+                for extractor in self.extra_extractors:
+                    c = extractor(c, ref_ext, full, (h, w), c_shapes)
             outs.append(full.transpose(1, 2).reshape(b, self.embed_dim, h, w))
 
         n2, n3 = c_shapes[0][0] * c_shapes[0][1], c_shapes[1][0] * c_shapes[1][1]
@@ -325,6 +348,51 @@ class ViTAdapter(nn.Module):
         c3 = c3 + x3
         c4 = c4 + F.interpolate(x4, scale_factor=0.5, mode="bilinear", align_corners=False)
         return [norm(f) for norm, f in zip(self.norms, (c1, c2, c3, c4))]
+
+
+def vit_state_dict_for_adapter(state: dict[str, Tensor], adapter: ViTAdapter, prefix: str = "") -> dict[str, Tensor]:
+    """Map a plain timm/DeiT ViT state dict onto ``adapter``'s ViT part (keys get ``prefix``).
+
+    ``patch_embed.proj`` becomes ``patch_embed``; the position embedding loses its class/distillation tokens and
+    is resampled (bicubic) to the adapter's pretraining grid. Keys the adapter does not have (cls token, head,
+    final norm) are dropped; returns only tensors whose shapes fit.
+    """
+    own = adapter.state_dict()
+    out: dict[str, Tensor] = {}
+    for key, value in state.items():
+        name = key.replace("patch_embed.proj.", "patch_embed.")
+        if name not in own or not isinstance(value, Tensor):
+            continue
+        if name == "pos_embed" and value.shape != own[name].shape:
+            grid = own[name].shape[1]
+            side = int((value.shape[1]) ** 0.5)
+            value = value[:, value.shape[1] - side * side:]  # drop prefix tokens
+            new_side = int(grid**0.5)
+            if side != new_side:
+                value = F.interpolate(value.reshape(1, side, side, -1).permute(0, 3, 1, 2).float(),
+                                      size=(new_side, new_side), mode="bicubic", align_corners=False)
+                value = value.permute(0, 2, 3, 1).reshape(1, grid, -1)
+        if value.shape == own[name].shape:
+            out[prefix + name] = value
+    return out
+
+
+def load_vit_weights(adapter: ViTAdapter, path: str) -> int:
+    """Load a local DeiT/timm ViT checkpoint (``model``/``state_dict`` entry or a bare state dict) into the ViT
+    part of ``adapter``; returns the number of tensors loaded. Raises ``FileNotFoundError``/``ValueError``."""
+    import os
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"pretrained ViT checkpoint '{path}' not found (only local files are used; put "
+                                f"the DeiT weights there or set model.backbone.pretrained=None)")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    state = ckpt.get("model", ckpt.get("state_dict", ckpt)) if isinstance(ckpt, dict) else None
+    fit = vit_state_dict_for_adapter(state, adapter) if isinstance(state, dict) else {}
+    if not any(k.startswith("blocks.") for k in fit):
+        raise ValueError(f"'{path}' holds no ViT weights that fit this backbone (embed_dim {adapter.embed_dim}, "
+                         f"{len(adapter.blocks)} blocks)")
+    adapter.load_state_dict(fit, strict=False)
+    return len(fit)
 
 
 def vit_adapter_tiny(**kw: object) -> ViTAdapter:

@@ -1,8 +1,9 @@
-_base_ = ['./vit-adapter-s-3x.py']
-# Token-reduced fine-tune (0.33x = 4 epochs, lr 1e-5) from the trained 3x model.
-model = dict(backbone=dict(reduction_ratio=0.7, linkage='average', reduction_loc=[3, 6, 9], proportional_attn=True))
-optimizer = dict(lr=0.00001)
-lr_config = dict(warmup_iters=0, warmup=None, step=[3])
-runner = dict(max_epochs=4)
-load_from = 'work_dirs/vit-adapter-s-3x/latest.pth'
+# Token-reduced fine-tune of the trained ViT-Adapter-S (0.33x = 4 epochs, AdamW lr 1e-5, weight decay 1e-6).
+_base_ = ['./_base_/mask_rcnn_vit_adapter.py', './_base_/coco_instance.py', './_base_/schedule_0.33x.py',
+          './_base_/adamw.py', './_base_/default_runtime.py']
+model = dict(backbone=dict(embed_dim=384, num_heads=6, deform_num_heads=6, drop_path_rate=0.2,
+                           reduction_ratio=0.7, linkage='average', reduction_loc=[3, 6, 9], proportional_attn=True))
+optimizer = dict(lr=0.00001, weight_decay=0.000001)
+data = dict(samples_per_gpu=2, workers_per_gpu=1)
+load_from = 'pretrained/vit-adapter-s-3x.pth'
 work_dir = 'work_dirs/tomeatc-adapter-s-0.33x-ftune'

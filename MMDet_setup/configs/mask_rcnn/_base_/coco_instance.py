@@ -1,4 +1,4 @@
-# COCO 2017 instances; paths are relative to data_root, so `--cfg-options data_root=/my/coco/` moves all splits.
+# COCO 2017 instances. Paths are relative to data_root, so `--cfg-options data_root=/my/coco/` moves every split.
 data_root = 'data/coco/'
 data = dict(
     samples_per_gpu=2, workers_per_gpu=2,

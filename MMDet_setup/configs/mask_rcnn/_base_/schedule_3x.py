@@ -1,5 +1,3 @@
-# 3x schedule (36 epochs), AdamW 1e-4, steps at 27/33 (as the published ViT-Adapter Mask R-CNN 3x configs).
-optimizer = dict(type='AdamW', lr=0.0001, betas=(0.9, 0.999), weight_decay=0.05)
-optimizer_config = dict(grad_clip=None)
+# 3x: 36 epochs, lr x0.1 at epochs 27 and 33, linear warm-up over 500 iterations.
 lr_config = dict(policy='step', warmup='linear', warmup_iters=500, warmup_ratio=0.001, step=[27, 33])
 runner = dict(type='EpochBasedRunner', max_epochs=36)
