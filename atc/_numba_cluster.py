@@ -79,7 +79,8 @@ def _tail_argmin(d: np.ndarray, row: int, start: int, stop: int) -> tuple[int, f
 def _cluster_one(d: np.ndarray, ro: np.ndarray, num_clusters: int, linkage: int, labels: np.ndarray) -> None:
     """Cluster one sample in place. The distance of pair ``i < j`` is ``d[ro[i] + j]`` (flat storage with a
     per-row offset, so the packed Gram blocks are used where they are); entries below the diagonal are
-    never read.
+    never read. The entries hold cosine similarities on entry; each row is turned into distances just before its
+    first scan, while the sample is in cache (saves a separate pass over the whole batch).
 
     Row ``i`` keeps the nearest neighbour among higher indices only (``nn[i] > i``), as in Müllner's
     generic algorithm, so repairs rescan half a row on average; merged-away columns are set to +inf. A row is
@@ -92,6 +93,9 @@ def _cluster_one(d: np.ndarray, ro: np.ndarray, num_clusters: int, linkage: int,
     nn = np.empty(t, dtype=np.int64)
     nnd = np.empty(t, dtype=np.float64)
     for i in range(t):
+        row = ro[i]
+        for j in range(i + 1, t):  # cosine similarity g -> distance clamp(1 - g, 0, 2), as _fill_distances
+            d[row + j] = min(max(1.0 - d[row + j], 0.0), 2.0)
         nn[i], nnd[i] = _tail_argmin(d, ro[i], i + 1, t)
     stale = np.zeros(t, dtype=np.bool_)
     size = np.ones(t, dtype=np.float64)
@@ -168,10 +172,10 @@ def _cluster_one(d: np.ndarray, ro: np.ndarray, num_clusters: int, linkage: int,
 @njit(cache=True, parallel=True, error_model="numpy")
 def cluster_gram_blocks(flat: np.ndarray, bounds: np.ndarray, num_clusters: int, linkage: int,
                         labels: np.ndarray) -> None:
-    """Cluster every sample in place on its packed distance blocks (see ``atc.cluster._gram_blocks``; the
-    similarities there are turned into distances ``clamp(1 - g, 0, 2)`` before this call): block ``r`` covers
-    rows ``bounds[r, 0] <= i < bounds[r, 1]`` against tokens ``k >= bounds[r, 0]``, stored as
-    (B, rows, T - start). Only pairs above the diagonal are read. Writes ``labels`` (B, T)."""
+    """Cluster every sample in place on its packed blocks (see ``atc.cluster._gram_blocks``): block ``r``
+    covers rows ``bounds[r, 0] <= i < bounds[r, 1]`` against tokens ``k >= bounds[r, 0]``, stored as
+    (B, rows, T - start). They hold cosine similarities, turned into the distances ``clamp(1 - g, 0, 2)`` of
+    ``atc.cluster._fill_distances`` here, bit for bit. Only pairs above the diagonal are read. Writes ``labels`` (B, T)."""
     bsz, t = labels.shape
     for b in prange(bsz):
         ro = np.empty(t, dtype=np.int64)

@@ -426,7 +426,7 @@ def _cluster_numba(metric: Tensor, k: int, linkage: Linkage) -> Tensor:
     chunk = _chunk_size(bsz, t, metric.device)
     for start in range(0, bsz, chunk):
         flat, bounds = _gram_blocks(metric[start:start + chunk])
-        flat.neg_().add_(1.0).clamp_(0.0, 2.0)  # the distances of _fill_distances, in place
+        # The kernel turns the similarities into the distances of _fill_distances itself, sample by sample.
         cluster_gram_blocks(flat.numpy(), np.asarray(bounds, dtype=np.int64), k, linkage.numba_id,
                             labels[start:start + chunk])
     return torch.from_numpy(labels)
