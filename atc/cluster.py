@@ -327,6 +327,9 @@ def _cluster_torch(metric: Tensor, k: int, linkage: Linkage, dense_repair: bool 
     parent = torch.arange(t, device=device).repeat(bsz, 1)
     nnd, nn = d.min(dim=2)
     inf = float("inf")
+    # +inf at merged-away clusters. On CPU their columns are masked with it instead of being overwritten
+    # (a strided write across the whole (B, T, T) matrix, the most expensive step there).
+    dead = torch.zeros(bsz, t, dtype=torch.float64, device=device)
     for _ in range(t - k):
         i = nnd.argmin(dim=1, keepdim=True)
         j = nn.gather(1, i)
@@ -334,11 +337,13 @@ def _cluster_torch(metric: Tensor, k: int, linkage: Linkage, dense_repair: bool 
         ra, rb = row_base + a.squeeze(1), row_base + b.squeeze(1)
         n_a, n_b = size.gather(1, a), size.gather(1, b)
         new = linkage.update(rows2d.index_select(0, ra), rows2d.index_select(0, rb), n_a, n_b)
-        new.scatter_(1, torch.cat([a, b], 1), inf)
+        dead.scatter_(1, b, inf)
+        new.add_(dead)  # +0 is exact; merged-away clusters (b included) read +inf
+        new.scatter_(1, a, inf)
         rows2d.index_copy_(0, ra, new)
         d[batch, :, a.squeeze(1)] = new
-        # Row b is never read again (b is no longer active); its column must read +inf for everyone else.
-        d[batch, :, b.squeeze(1)] = inf
+        if dense_repair:  # row b is never read again; its column must read +inf for the dense repair
+            d[batch, :, b.squeeze(1)] = inf
         size.scatter_add_(1, a, n_b)
         parent.scatter_(1, b, a)
         nnd.scatter_(1, b, inf)
@@ -353,7 +358,7 @@ def _cluster_torch(metric: Tensor, k: int, linkage: Linkage, dense_repair: bool 
             nn = torch.where(stale, rn, nn)
         else:
             idx = stale.view(-1).nonzero().squeeze(1)
-            rd, rn = rows2d.index_select(0, idx).min(dim=1)
+            rd, rn = (rows2d.index_select(0, idx) + dead.index_select(0, idx // t)).min(dim=1)
             nnd.view(-1).index_copy_(0, idx, rd)
             nn.view(-1).index_copy_(0, idx, rn)
     return _labels_from_parent(parent)
