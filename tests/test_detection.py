@@ -206,15 +206,17 @@ def test_short_training_with_atc_improves_bbox_ap(coco, tmp_path):
     from atc.detection.engine import build_dataset, build_model, evaluate, train
 
     options = _cfg_options(_options(
-        coco, "optimizer.lr=0.002", "runner.max_epochs=10", "lr_config.warmup=None", "lr_config.step=[7]",
+        coco, "optimizer.lr=0.003", "runner.max_epochs=10", "lr_config.warmup=None", "lr_config.step=[8]",
         "data.samples_per_gpu=2", "evaluation.interval=100", "evaluation.metric=[bbox]",
         "model.backbone.linkage=average", "model.backbone.reduction_ratio=0.7"))
     cfg = _script("train_mmdet").load_config(FTUNE_T, options, str(tmp_path / "work"))
     torch.manual_seed(0)
     untrained = evaluate(build_model(cfg), build_dataset(cfg, "val"), torch.device("cpu"), metrics=("bbox",))
     trained = train(cfg)
-    assert trained["bbox_mAP"] > untrained["bbox_mAP"] + 0.02, (untrained, trained)
-    assert trained["bbox_mAP_50"] > 0.08, trained
+    # Measured here: bbox AP 0.00005 -> 0.109, AP50 0.0003 -> 0.36 (deterministic on CPU); the bounds leave room
+    # for other BLAS builds.
+    assert trained["bbox_mAP"] > untrained["bbox_mAP"] + 0.05, (untrained, trained)
+    assert trained["bbox_mAP_50"] > 0.2, trained
     ckpt = torch.load(tmp_path / "work" / "latest.pth", map_location="cpu", weights_only=False)
     assert ckpt["epoch"] == 10
     assert sorted(p.name for p in (tmp_path / "work").glob("epoch_*.pth")) == ["epoch_10.pth", "epoch_8.pth",
