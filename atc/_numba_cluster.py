@@ -10,7 +10,10 @@ a row for each stale row that reaches the front of the queue.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 SINGLE, COMPLETE, AVERAGE = 0, 1, 2
 
@@ -24,46 +27,57 @@ def _lance_williams(linkage: int, d_ak: float, d_bk: float, n_a: float, n_b: flo
     return (n_a * d_ak + n_b * d_bk) / (n_a + n_b)
 
 
+@intrinsic
+def _fmin(typingctx, a, b):
+    """``min(a, b)`` as LLVM's ``minnum`` marked no-NaN/no-signed-zero, so that min-reductions vectorise
+    (numba's ``min`` lowers to compare-and-select, which LLVM leaves scalar). Exact on the values the kernel
+    holds: no NaN ever reaches it, and the sign of a zero, which it may drop, is invisible to comparisons."""
+    sig = types.float64(types.float64, types.float64)
+
+    def codegen(context, builder, signature, args):
+        fnty = ir.FunctionType(ir.DoubleType(), [ir.DoubleType(), ir.DoubleType()])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.minnum.f64")
+        return builder.call(fn, args, fastmath=("nnan", "nsz"))
+
+    return sig, codegen
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _row_min(row: np.ndarray) -> float:
+    best = np.inf
+    for p in range(row.shape[0]):
+        best = _fmin(best, row[p])
+    return best
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _to_distances(row: np.ndarray) -> float:
+    """Turn cosine similarities g into the distances clamp(1 - g, 0, 2) of _fill_distances, in place, and
+    return the row's minimum (+inf when empty): one vectorised pass."""
+    best = np.inf
+    for p in range(row.shape[0]):
+        v = min(max(1.0 - row[p], 0.0), 2.0)
+        row[p] = v
+        best = _fmin(best, v)
+    return best
+
+
+@njit(cache=True, nogil=True, inline="always", error_model="numpy")
+def _first_index(row: np.ndarray, value: float) -> tuple[int, float]:
+    """First index holding ``value``, the row's minimum (``(0, inf)`` when that is +inf: nothing to merge)."""
+    if value == np.inf:
+        return 0, value
+    p = 0
+    while row[p] != value:
+        p += 1
+    return p, value
+
+
 @njit(cache=True, nogil=True, inline="always", error_model="numpy")
 def _row_argmin(row: np.ndarray) -> tuple[int, float]:
-    """First index of the minimum (merged-away clusters and the diagonal hold +inf, so they never win).
-
-    Four interleaved running minima shorten the compare-and-update dependency chain; combining them by
-    (value, index) keeps the first-occurrence rule.
-    """
-    n = row.shape[0]
-    b0 = b1 = b2 = b3 = np.inf
-    a0 = a1 = a2 = a3 = 0
-    k = 0
-    while k + 4 <= n:
-        v = row[k]
-        if v < b0:
-            b0, a0 = v, k
-        v = row[k + 1]
-        if v < b1:
-            b1, a1 = v, k + 1
-        v = row[k + 2]
-        if v < b2:
-            b2, a2 = v, k + 2
-        v = row[k + 3]
-        if v < b3:
-            b3, a3 = v, k + 3
-        k += 4
-    while k < n:
-        v = row[k]
-        if v < b0:
-            b0, a0 = v, k
-        k += 1
-    best, arg = b0, a0
-    if b1 < best or (b1 == best and a1 < arg):
-        best, arg = b1, a1
-    if b2 < best or (b2 == best and a2 < arg):
-        best, arg = b2, a2
-    if b3 < best or (b3 == best and a3 < arg):
-        best, arg = b3, a3
-    if best == np.inf:
-        return 0, best
-    return arg, best
+    """First index of the minimum (merged-away clusters and the diagonal hold +inf, so they never win):
+    a vectorised minimum, then a scan that stops at its first occurrence."""
+    return _first_index(row, _row_min(row))
 
 
 @njit(cache=True, nogil=True, inline="always", error_model="numpy")
@@ -93,10 +107,9 @@ def _cluster_one(d: np.ndarray, ro: np.ndarray, num_clusters: int, linkage: int,
     nn = np.empty(t, dtype=np.int64)
     nnd = np.empty(t, dtype=np.float64)
     for i in range(t):
-        row = ro[i]
-        for j in range(i + 1, t):  # cosine similarity g -> distance clamp(1 - g, 0, 2), as _fill_distances
-            d[row + j] = min(max(1.0 - d[row + j], 0.0), 2.0)
-        nn[i], nnd[i] = _tail_argmin(d, ro[i], i + 1, t)
+        row = d[ro[i] + i + 1:ro[i] + t]
+        arg, nnd[i] = _first_index(row, _to_distances(row))
+        nn[i] = i + 1 + arg
     stale = np.zeros(t, dtype=np.bool_)
     size = np.ones(t, dtype=np.float64)
     parent = np.arange(t)
@@ -104,22 +117,15 @@ def _cluster_one(d: np.ndarray, ro: np.ndarray, num_clusters: int, linkage: int,
     alive = np.arange(t)
     n_alive = t
     for _ in range(t - num_clusters):
-        # One pass: a stale row is rescanned only if its lower bound beats the best exact value so far
-        # (rows after the winner with an equal value lose the tie, so bounds >= the best can be skipped).
-        height = np.inf
-        a = 0
-        for idx in range(n_alive):
-            r = alive[idx]
-            if nnd[r] < height:
-                if stale[r]:
-                    nn[r], nnd[r] = _tail_argmin(d, ro[r], r + 1, t)
-                    stale[r] = False
-                    if nnd[r] < height:
-                        height = nnd[r]
-                        a = r
-                else:
-                    height = nnd[r]
-                    a = r
+        # The smallest bound wins if its row is up to date; otherwise that row is rescanned (its exact value
+        # can only be larger) and the minimum taken again. The first row holding the minimum is taken, and
+        # every row before it has a larger bound, so ties go to the lowest index. Merged-away rows hold +inf.
+        while True:
+            a, height = _row_argmin(nnd)
+            if not stale[a]:
+                break
+            nn[a], nnd[a] = _tail_argmin(d, ro[a], a + 1, t)
+            stale[a] = False
         b = nn[a]  # a < b
         n_a, n_b = size[a], size[b]
         idx = 0
@@ -151,7 +157,8 @@ def _cluster_one(d: np.ndarray, ro: np.ndarray, num_clusters: int, linkage: int,
             d[row_a + k] = _lance_williams(linkage, d[row_a + k], d[row_b + k], n_a, n_b)
         d[row_a + b] = np.inf
         n_alive -= 1
-        alive[idx:n_alive] = alive[idx + 1:n_alive + 1]
+        for j in range(idx, n_alive):  # an explicit loop: slice assignment between overlapping views copies
+            alive[j] = alive[j + 1]
         nnd[b] = np.inf
         stale[b] = False
         # Every remaining pair is at least the merge height, so it bounds the merged cluster's new row.
