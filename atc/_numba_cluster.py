@@ -1,7 +1,8 @@
 """Compiled CPU backend: nearest-neighbour-list Lance-Williams clustering, parallel over the batch.
 
-Input is the float64 cosine-similarity matrix that every backend starts from (:func:`atc.cluster._gram_blocks`). The merge rule, tie-breaking and float64 arithmetic are the same as the torch backend in
-:mod:`atc.cluster`, so both return identical labels, even on exact ties.
+Input is the float64 cosine-similarity matrix that every backend starts from (:func:`atc.cluster._gram_blocks`).
+The merge rule, tie-breaking and float64 arithmetic are the same as the torch backend in :mod:`atc.cluster`, so
+both return identical labels, even on exact ties.
 
 Per sample the cost is O(T^2) to build distances and initial nearest neighbours, then O(T) per merge plus half
 a row for each stale row that reaches the front of the queue.
