@@ -167,7 +167,8 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike, *, interpolate_po
         raise ConfigError(f"checkpoint '{path}' does not exist.")
     state = dict(_state_dict_from(torch.load(path, map_location="cpu", weights_only=False)))
     own = model.state_dict()
-    if interpolate_pos and "pos_embed" in state and "pos_embed" in own and state["pos_embed"].shape != own["pos_embed"].shape:
+    pos_differs = "pos_embed" in state and "pos_embed" in own and state["pos_embed"].shape != own["pos_embed"].shape
+    if interpolate_pos and pos_differs:
         npt = 0 if getattr(model, "no_embed_class", False) else getattr(model, "num_prefix_tokens", 1)
         old_grid = int(math.sqrt(state["pos_embed"].shape[1] - npt))
         state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], new_size=model.patch_embed.grid_size,
