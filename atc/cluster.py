@@ -322,7 +322,6 @@ def _cluster_torch(metric: Tensor, k: int, linkage: Linkage, dense_repair: bool 
     rows2d = d.view(bsz * t, t)
     batch = torch.arange(bsz, device=device)
     row_base = batch * t
-    cols = torch.arange(t, device=device).expand(bsz, t)
     size = torch.ones(bsz, t, dtype=torch.float64, device=device)
     parent = torch.arange(t, device=device).repeat(bsz, 1)
     nnd, nn = d.min(dim=2)
@@ -347,9 +346,9 @@ def _cluster_torch(metric: Tensor, k: int, linkage: Linkage, dense_repair: bool 
         size.scatter_add_(1, a, n_b)
         parent.scatter_(1, b, a)
         nnd.scatter_(1, b, inf)
-        is_a = cols == a
-        stale = ((nn == a) | (nn == b)) & torch.isfinite(nnd) | is_a
-        better = ((new < nnd) | ((new == nnd) & (a < nn))) & ~stale
+        # Rows whose neighbour was a or b need a rescan (not merged-away rows, whose nnd is +inf), and so does a.
+        stale = (nn == a).logical_or_(nn == b).logical_and_(nnd != inf).scatter_(1, a, True)
+        better = torch.where(new == nnd, a < nn, new < nnd).logical_and_(stale.logical_not())
         nn = torch.where(better, a, nn)
         nnd = torch.where(better, new, nnd)
         if dense_repair:
