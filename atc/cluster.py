@@ -346,8 +346,10 @@ def _cluster_torch(metric: Tensor, k: int, linkage: Linkage, dense_repair: bool 
         size.scatter_add_(1, a, n_b)
         parent.scatter_(1, b, a)
         nnd.scatter_(1, b, inf)
-        # Rows whose neighbour was a or b need a rescan (not merged-away rows, whose nnd is +inf), and so does a.
-        stale = (nn == a).logical_or_(nn == b).logical_and_(nnd != inf).scatter_(1, a, True)
+        # Row a's nearest neighbour comes from the row just written (it already reads +inf where it should).
+        nnd_a, nn_a = new.min(dim=1, keepdim=True)
+        # Other rows whose neighbour was a or b need a rescan (not merged-away rows, whose nnd is +inf).
+        stale = (nn == a).logical_or_(nn == b).logical_and_(nnd != inf).scatter_(1, a, False)
         better = torch.where(new == nnd, a < nn, new < nnd).logical_and_(stale.logical_not())
         nn = torch.where(better, a, nn)
         nnd = torch.where(better, new, nnd)
@@ -360,6 +362,8 @@ def _cluster_torch(metric: Tensor, k: int, linkage: Linkage, dense_repair: bool 
             rd, rn = (rows2d.index_select(0, idx) + dead.index_select(0, idx // t)).min(dim=1)
             nnd.view(-1).index_copy_(0, idx, rd)
             nn.view(-1).index_copy_(0, idx, rn)
+        nnd.scatter_(1, a, nnd_a)
+        nn.scatter_(1, a, nn_a)
     return _labels_from_parent(parent)
 
 
