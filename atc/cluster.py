@@ -42,6 +42,7 @@ import functools
 import importlib.util
 import math
 import numbers
+import os
 import threading
 from dataclasses import dataclass
 from typing import Callable
@@ -146,9 +147,12 @@ def _check_metric(metric: object) -> Tensor:
     return metric
 
 
+_NONFINITE = "metric contains NaN or infinite values"
+
+
 def _check_finite(values: Tensor) -> None:
     if values.numel() and not bool(torch.isfinite(values).all()):
-        raise ValueError("metric contains NaN or infinite values")
+        raise ValueError(_NONFINITE)
 
 
 _WORKSPACE = threading.local()
@@ -171,9 +175,11 @@ def _workspace(name: str, shape: tuple[int, ...], device: torch.device) -> Tenso
     return buf[:numel].view(shape)
 
 
-def _unit_rows(metric: Tensor) -> Tensor:
+def _unit_rows(metric: Tensor, check: bool = True) -> Tensor:
     """L2-normalise tokens in float64; zero-norm tokens stay zero (cosine similarity 0 with everything).
 
+    ``check``: raise on NaN/inf (a host synchronisation on CUDA; the triton backend checks on the device
+    instead, where a non-finite token shows up as NaN in its row of the result).
     The result lives in a reused workspace (see :func:`_workspace`): consume it before the next call.
     """
     m = _workspace("unit", tuple(metric.shape), metric.device)
@@ -183,21 +189,27 @@ def _unit_rows(metric: Tensor) -> Tensor:
         # Squares of float64 values can over/underflow: scale by the largest magnitude first. Narrower
         # dtypes cannot once converted to float64.
         scale = m.abs().amax(dim=-1, keepdim=True)
-        _check_finite(scale)  # NaN and inf propagate to the row maximum: a (B, T) check instead of (B, T, C)
+        if check:  # NaN and inf propagate to the row maximum: a (B, T) check instead of (B, T, C)
+            _check_finite(scale)
         m.div_(scale.clamp_min_(tiny))
     norm = torch.linalg.vector_norm(m, dim=-1, keepdim=True)
-    _check_finite(norm)  # finite narrower values cannot overflow a float64 norm
+    if check:  # finite narrower values cannot overflow a float64 norm
+        _check_finite(norm)
     return m.div_(norm.clamp_min_(tiny))
 
 
-def _block_bounds(t: int) -> list[tuple[int, int]]:
-    """Row blocks ``[s, e)`` of the Gram matrix; block ``[s, e)`` is computed against columns ``[s, T)`` only."""
-    nb = 4 if t >= 32 else 1
+def _block_bounds(t: int, device: torch.device) -> list[tuple[int, int]]:
+    """Row blocks ``[s, e)`` of the Gram matrix; block ``[s, e)`` is computed against columns ``[s, T)`` only.
+
+    On CPU four blocks skip 3/8 of the products; on a GPU one ``bmm`` is cheaper than four launches and the
+    square it gives is what the triton backend works on.
+    """
+    nb = 4 if t >= 32 and device.type == "cpu" else 1
     cuts = [round(t * i / nb) for i in range(nb + 1)]
     return list(zip(cuts[:-1], cuts[1:]))
 
 
-def _gram_blocks(metric: Tensor) -> tuple[Tensor, list[tuple[int, int]]]:
+def _gram_blocks(metric: Tensor, check: bool = True) -> tuple[Tensor, list[tuple[int, int]]]:
     """Float64 cosine similarities of the upper block triangle, packed in one flat buffer.
 
     For each row block ``[s, e)`` of :func:`_block_bounds`, the products of rows ``[s, e)`` with tokens
@@ -207,9 +219,9 @@ def _gram_blocks(metric: Tensor) -> tuple[Tensor, list[tuple[int, int]]]:
 
     Returns the flat buffer and the block bounds.
     """
-    m = _unit_rows(metric)
+    m = _unit_rows(metric, check)
     bsz, t, _ = m.shape
-    bounds = _block_bounds(t)
+    bounds = _block_bounds(t, m.device)
     total = sum(bsz * (e - s) * (t - s) for s, e in bounds)
     flat = _workspace("gram", (total,), m.device)
     offset = 0
@@ -440,6 +452,93 @@ def _cluster_numba(metric: Tensor, k: int, linkage: Linkage) -> Tensor:
     return torch.from_numpy(labels)
 
 
+def _gram_square(metric: Tensor, check: bool) -> Tensor:
+    """The similarities of :func:`_gram_blocks` as one ``(B, T, T)`` square per sample, upper triangle (with
+    the diagonal) filled; on a GPU that is the single block itself, no copy."""
+    bsz, t, _ = metric.shape
+    flat, bounds = _gram_blocks(metric, check)
+    if len(bounds) == 1:
+        return flat.view(bsz, t, t)
+    square = torch.empty(bsz, t, t, dtype=torch.float64, device=metric.device)
+    for (s, e), block in zip(bounds, _block_views(flat, bounds, bsz, t)):
+        square[:, s:e, s:] = block
+    return square
+
+
+class _DeviceNonFinite:
+    """NaN/inf reported by the triton kernel without stalling the GPU.
+
+    The kernel sets ``flag`` on the device; after each launch a non-blocking copy brings it to pinned host
+    memory, and the *next* call on that device reads the host copy (a plain memory read, no synchronisation) and
+    raises. So a bad metric is reported one call late, never lost; :func:`check_nonfinite` reports at once (it
+    synchronises). Inside CUDA-graph capture the copy is skipped and the flag waits on the device for the next
+    eager call or ``check_nonfinite``.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.flag = torch.zeros(1, dtype=torch.int32, device=device)
+        pinned = device.type == "cuda"
+        self.host = torch.zeros(1, dtype=torch.int32, pin_memory=pinned)
+
+    def raise_if_set(self, host_value: int) -> None:
+        if host_value:
+            self.flag.zero_()
+            self.host.zero_()
+            raise ValueError(
+                f"{_NONFINITE} (found on {self.flag.device} by an earlier agglomerative_clustering call: the GPU "
+                f"path checks without waiting for the GPU, so it reports one call late; that call's labels for "
+                f"the bad samples were placeholders, min(token, K - 1). Call atc.cluster.check_nonfinite() "
+                f"after a call to check at once)")
+
+    def after_launch(self) -> None:
+        if self.flag.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return
+        self.host.copy_(self.flag, non_blocking=True)
+
+
+_NONFINITE_FLAGS: dict[torch.device, _DeviceNonFinite] = {}
+
+
+def _nonfinite_flags(device: torch.device) -> _DeviceNonFinite:
+    flags = _NONFINITE_FLAGS.get(device)
+    if flags is None:
+        flags = _NONFINITE_FLAGS[device] = _DeviceNonFinite(device)
+    return flags
+
+
+def check_nonfinite(device: torch.device | str | None = None) -> None:
+    """Raise ``ValueError`` now if a triton-backend call on ``device`` (default: every device used so far) saw
+    a NaN/inf metric. Synchronises with that device; the clustering call itself never does (see
+    :class:`_DeviceNonFinite`)."""
+    devices = list(_NONFINITE_FLAGS) if device is None else [torch.device(device)]
+    for dev in devices:
+        flags = _NONFINITE_FLAGS.get(dev)
+        if flags is not None:
+            flags.raise_if_set(int(flags.flag.item()))
+
+
+def _defers_checks(device: torch.device) -> bool:
+    """Whether input checks that would wait for ``device`` are done on the device instead (the triton path)."""
+    return device.type == "cuda"
+
+
+def _cluster_triton(metric: Tensor, k: int, linkage: Linkage) -> Tensor:
+    from atc._triton_cluster import cluster_gram
+    from atc._triton_cluster import MAX_TOKENS
+
+    if metric.shape[1] > MAX_TOKENS:
+        raise ValueError(
+            f"the triton clustering backend supports at most {MAX_TOKENS} tokens per sample (its per-token state "
+            f"lives in one program's registers), got T = {metric.shape[1]}: use backend='torch'")
+    deferred = _defers_checks(metric.device)
+    flags = _nonfinite_flags(metric.device)
+    if deferred:
+        flags.raise_if_set(int(flags.host[0]))  # host memory: no synchronisation
+    labels = cluster_gram(_gram_square(metric, check=not deferred), k, linkage.numba_id, flags.flag)
+    flags.after_launch()
+    return labels
+
+
 def _cluster_cuml(metric: Tensor, k: int, linkage: Linkage) -> Tensor:
     from cuml.cluster import AgglomerativeClustering  # type: ignore[import-not-found]
 
@@ -457,10 +556,13 @@ class _Backend:
     run: Callable[..., Tensor]
     modules: tuple[str, ...]
     needs_cuda: bool = False
+    # Usable without CUDA when this environment variable is "1" (Triton's interpreter runs kernels on CPU).
+    cpu_env: str | None = None
 
 
 BACKENDS: dict[str, _Backend] = {
     "torch": _Backend(_cluster_torch, ()),
+    "triton": _Backend(_cluster_triton, ("triton",), needs_cuda=True, cpu_env="TRITON_INTERPRET"),
     "numba": _Backend(_cluster_numba, ("numba",)),
     "scipy": _Backend(_cluster_scipy, ("scipy",)),
     "sklearn": _Backend(_cluster_sklearn, ("sklearn",)),
@@ -473,11 +575,16 @@ _CPU_PREFERENCE = ("numba", "fastcluster", "scipy", "torch")
 
 
 @functools.lru_cache(maxsize=None)
+def _importable(modules: tuple[str, ...]) -> bool:
+    return all(importlib.util.find_spec(m) is not None for m in modules)
+
+
 def _installed(backend: str) -> bool:
     spec = BACKENDS[backend]
     if spec.needs_cuda and not torch.cuda.is_available():
-        return False
-    return all(importlib.util.find_spec(m) is not None for m in spec.modules)
+        if spec.cpu_env is None or os.environ.get(spec.cpu_env) != "1":
+            return False
+    return _importable(spec.modules)
 
 
 def available_backends() -> list[str]:
@@ -490,14 +597,29 @@ def resolve_backend(backend: str, device: torch.device | str = "cpu") -> str:
     if not isinstance(backend, str) or (backend != "auto" and backend not in BACKENDS):
         raise ValueError(f"unknown backend {backend!r}: choose 'auto' or one of {list(BACKENDS)}")
     if backend == "auto":
+        if torch.device(device).type == "cuda":
+            return "triton" if _installed("triton") else "torch"
         if torch.device(device).type != "cpu":
             return "torch"
         return next(b for b in _CPU_PREFERENCE if _installed(b))
     if not _installed(backend):
-        hint = "a CUDA GPU and RAPIDS cuML (requirements/rapids.txt)" if BACKENDS[backend].needs_cuda else (
-            f"`pip install {' '.join(BACKENDS[backend].modules).replace('sklearn', 'scikit-learn')}`")
-        raise BackendUnavailableError(f"clustering backend {backend!r} is not available here: it needs {hint}")
+        raise BackendUnavailableError(f"clustering backend {backend!r} is not available here: it needs "
+                                      f"{_BACKEND_NEEDS.get(backend, _pip_hint(backend))}")
+    if backend == "triton" and torch.device(device).type not in ("cuda", "cpu"):
+        raise BackendUnavailableError(f"the triton backend runs on CUDA devices (or on CPU under "
+                                      f"TRITON_INTERPRET=1), got device {torch.device(device)}")
     return backend
+
+
+def _pip_hint(backend: str) -> str:
+    return f"`pip install {' '.join(BACKENDS[backend].modules).replace('sklearn', 'scikit-learn')}`"
+
+
+_BACKEND_NEEDS = {
+    "cuml": "a CUDA GPU and RAPIDS cuML (requirements/rapids.txt)",
+    "triton": "Triton (it comes with CUDA builds of torch) and a CUDA GPU, or TRITON_INTERPRET=1 set before "
+              "importing atc to run its kernel on CPU through Triton's interpreter (slow; for tests)",
+}
 
 
 def agglomerative_clustering(
@@ -513,7 +635,16 @@ def agglomerative_clustering(
 
     Returns:
         ``LongTensor (B, T)`` on ``metric.device``; labels in ``[0, K)`` numbered by smallest token index.
+
+    Under ``torch.compile`` this is the custom operator ``torch.ops.atc.agglomerative_clustering`` (its fake
+    implementation gives the ``(B, T)`` shape), so compiled models trace through it without a graph break.
     """
+    if torch.compiler.is_compiling():
+        return torch.ops.atc.agglomerative_clustering(metric, num_clusters, linkage, backend)
+    return _agglomerative_clustering(metric, num_clusters, linkage, backend)
+
+
+def _agglomerative_clustering(metric: Tensor, num_clusters: int, linkage: str, backend: str) -> Tensor:
     link = validate_linkage(linkage)
     metric = _check_metric(metric)
     bsz, t, _ = metric.shape
@@ -526,7 +657,9 @@ def agglomerative_clustering(
         )
     if bsz == 0:
         return torch.empty(0, t, dtype=torch.long, device=metric.device)
-    if k in (1, t):
+    # K = T and K = 1 need no distances. Their metric is still checked, except where that would wait for the
+    # GPU (the labels do not depend on it).
+    if k in (1, t) and not (name == "triton" and _defers_checks(metric.device)):
         _check_finite(metric)
     if k == t:
         return torch.arange(t, device=metric.device).repeat(bsz, 1)
@@ -535,3 +668,13 @@ def agglomerative_clustering(
     with torch.no_grad():
         labels = BACKENDS[name].run(metric, k, link)
     return labels.to(metric.device)
+
+
+@torch.library.custom_op("atc::agglomerative_clustering", mutates_args=())
+def _clustering_op(metric: Tensor, num_clusters: int, linkage: str, backend: str) -> Tensor:
+    return _agglomerative_clustering(metric, num_clusters, linkage, backend)
+
+
+@_clustering_op.register_fake
+def _clustering_op_fake(metric: Tensor, num_clusters: int, linkage: str, backend: str) -> Tensor:
+    return metric.new_empty(metric.shape[:2], dtype=torch.long)
