@@ -18,22 +18,35 @@ Algorithm
     applied. This is exactly what ``sklearn.cluster.AgglomerativeClustering(n_clusters=K,
     metric="precomputed", linkage=L)`` returns (the published ATC code's reference), up to label order.
 
-Tie-breaking (``torch`` and ``numba`` backends)
+Tie-breaking (``torch``, ``numba`` and ``triton`` backends)
     Every cluster is represented by its smallest token index. At every step the pair of clusters at the
     smallest distance merges; among pairs at exactly equal distance the pair ``(i, j), i < j`` of
-    representatives that is smallest in lexicographic order merges first. Both backends implement this rule
+    representatives that is smallest in lexicographic order merges first. These backends implement this rule
     with identical float64 arithmetic, so they return identical labels even on exact ties (duplicate
     tokens). scipy, scikit-learn and fastcluster break exact ties in their own (documented-as-unspecified)
     ways; where no two candidate merges are at exactly the same height, all backends give the same partition.
 
 Backends
-    ``torch``: batched over the whole batch and vectorised, on any device (the GPU path: no per-sample host
-    round trip). ``numba``: compiled nearest-neighbour Lance-Williams loop, parallel over the batch (the
-    fastest on CPU). ``scipy``, ``sklearn``, ``fastcluster``: per-sample reference libraries. ``cuml``: RAPIDS
-    (single linkage only). ``auto``: ``torch`` on CUDA, else the fastest installed CPU backend.
+    ``triton``: the GPU path. One Triton program per sample runs the whole merge loop (:mod:`atc._triton_cluster`);
+    no host synchronisation, so a patched model can be captured in a CUDA graph. On CPU it is listed only under
+    ``TRITON_INTERPRET=1`` (Triton's interpreter, for tests). ``torch``: batched and vectorised over the batch on
+    any device (the fallback on GPUs without Triton; launch-bound there). ``numba``: compiled nearest-neighbour
+    Lance-Williams loop, parallel over the batch (the fastest on CPU). ``scipy``, ``sklearn``, ``fastcluster``:
+    per-sample reference libraries. ``cuml``: RAPIDS (single linkage only). ``auto``: ``triton`` on CUDA when
+    Triton is importable (else ``torch``), the fastest installed CPU backend on CPU.
+
+NaN and inf
+    A non-finite metric raises ``ValueError``. On CUDA the triton backend checks on the device instead of
+    waiting for the GPU: the bad sample's labels are placeholders (``min(t, K - 1)``) and the error is raised by
+    the next call on that device, or at once by :func:`check_nonfinite` (which synchronises). Calls with
+    ``K = T`` or ``K = 1`` need no clustering; on CUDA with the triton backend their metric is not inspected.
+
+Under ``torch.compile`` the call is the custom operator ``torch.ops.atc.agglomerative_clustering``, so compiled
+models trace through it (``fullgraph=True`` works).
 
 Adding a linkage is a local change: add a :class:`Linkage` entry to :data:`LINKAGES` (its Lance-Williams
-update, used by the torch backend) and the same update to ``_lance_williams`` in :mod:`atc._numba_cluster`.
+update, used by the torch backend), the same update to ``_lance_williams`` in :mod:`atc._numba_cluster` (with its
+compiled loop in ``_BLOCKS``) and a ``LINKAGE`` branch in :mod:`atc._triton_cluster`'s kernel.
 """
 
 from __future__ import annotations
@@ -62,6 +75,7 @@ __all__ = [
     "canonical_labels",
     "validate_linkage",
     "resolve_backend",
+    "check_nonfinite",
 ]
 
 

@@ -177,3 +177,42 @@ def test_no_host_synchronisation_on_cuda():
         agglomerative_clustering(metric, 98, "average", "triton")
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+COMPILE_FOR_SM90 = r"""
+import sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import atc._triton_cluster as tc
+
+sig = {"gram_ptr": "*fp64", "dist_ptr": "*fp64", "nnd_ptr": "*fp64", "labels_ptr": "*i64", "flag_ptr": "*i32",
+       "B": "i32", "T": "i32", "num_clusters": "i32",
+       "LINKAGE": "constexpr", "S": "constexpr", "TP": "constexpr", "BR": "constexpr"}
+for t, linkage in [(196, 0), (196, 1), (196, 2), (4096, 2)]:
+    spp, tp, num_warps, br = tc.launch_config(t, 256, interpreted=False)
+    src = ASTSource(tc._cluster_kernel, sig, constexprs={"LINKAGE": linkage, "S": spp, "TP": tp, "BR": br})
+    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                            options={"num_warps": num_warps, "num_stages": 1, "enable_fp_fusion": False})
+    ptx = kernel.asm["ptx"]
+    print(t, linkage, "fma.rn.f64" in ptx, "div.rn.f64" in ptx)
+"""
+
+
+@pytest.mark.skipif(ON_GPU, reason="on a GPU the other tests run the compiled kernel itself")
+def test_compiles_for_a_gpu_without_fused_multiply_add(tmp_path):
+    """The interpreter does not compile the kernel: compile it for an H100/H200 (sm_90) here, without a GPU, so
+    that code the GPU path cannot compile fails in CI. The average linkage must not be contracted into FMAs
+    (they round differently from numba's separate multiply and add) and must divide exactly (div.rn)."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    done = subprocess.run([sys.executable, "-c", COMPILE_FOR_SM90], capture_output=True, text=True, env=env,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line.split() for line in done.stdout.splitlines()]
+    assert [(r[0], r[1]) for r in rows] == [("196", "0"), ("196", "1"), ("196", "2"), ("4096", "2")]
+    assert all(r[2] == "False" for r in rows), rows  # no fma.rn.f64 anywhere
+    assert all(r[3] == "True" for r in rows if r[1] == "2"), rows  # the average linkage divides exactly
