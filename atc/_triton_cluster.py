@@ -160,13 +160,14 @@ def _cluster_kernel(gram_ptr, dist_ptr, nnd_ptr, labels_ptr, flag_ptr, B, T, num
 
 def launch_config(t: int, bsz: int, interpreted: bool) -> tuple[int, int, int, int]:
     """``(S, TP, num_warps, BR)`` for ``bsz`` samples of ``t`` tokens: vectors of the next power of two of
-    ``t``; on a GPU one sample per program with about 8 elements per thread in the per-cluster vectors and 16 in
-    pass 1's tiles (``ATC_TRITON_NUM_WARPS`` overrides the warp count, for tuning on a new GPU); under the
-    interpreter up to 64 samples per program."""
+    ``t``; under the interpreter up to 64 samples per program; on a GPU one sample per program, with two
+    elements per thread in the per-cluster vectors up to 16 warps (a merge step is a chain of dependent
+    reductions: more threads per sample shorten it, and four or more warps per SM hide its latencies) and 16 in
+    pass 1's tiles. ``ATC_TRITON_NUM_WARPS`` overrides the warp count (``scripts/gpu_benchmark.sh`` sweeps it)."""
     tp = max(16, triton.next_power_of_2(t))
     if interpreted:
         return min(64, triton.next_power_of_2(bsz)), tp, 1, min(tp, 64)
-    num_warps = int(os.environ.get("ATC_TRITON_NUM_WARPS", 0)) or max(1, min(16, tp // 256))
+    num_warps = int(os.environ.get("ATC_TRITON_NUM_WARPS", 0)) or max(1, min(16, tp // 64))
     br = max(1, min(tp, num_warps * 32 * 16 // tp))
     return 1, tp, num_warps, br
 

@@ -524,7 +524,13 @@ def check_nonfinite(device: torch.device | str | None = None) -> None:
     """Raise ``ValueError`` now if a triton-backend call on ``device`` (default: every device used so far) saw
     a NaN/inf metric. Synchronises with that device; the clustering call itself never does (see
     :class:`_DeviceNonFinite`)."""
-    devices = list(_NONFINITE_FLAGS) if device is None else [torch.device(device)]
+    if device is None:
+        devices = list(_NONFINITE_FLAGS)
+    else:
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:  # tensors always carry the index
+            device = torch.device("cuda", torch.cuda.current_device())
+        devices = [device]
     for dev in devices:
         flags = _NONFINITE_FLAGS.get(dev)
         if flags is not None:
