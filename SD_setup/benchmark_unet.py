@@ -6,6 +6,10 @@ SD-1.x images). The UNet is built from a config with random weights: ``sd15`` is
 a test-sized one, or a path to a UNet ``config.json`` / diffusers UNet folder.
 
     python SD_setup/benchmark_unet.py --config sd15 --latent_size 64 --methods none tome atc --ratios 0.5
+
+On a GPU, in half precision (as SD is run there; the clustering backend ``auto`` picks the GPU backend):
+
+    python SD_setup/benchmark_unet.py --config sd15 --device cuda --dtype float16 --methods none tome atc
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ SD15 = dict(
     down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
 )
+DTYPES = {"float32": "float32", "float16": "float16", "fp16": "float16", "bfloat16": "bfloat16", "bf16": "bfloat16"}
 CONFIGS = {
     "sd15": SD15,
     "sd15-half": {**SD15, "block_out_channels": (160, 320, 640, 640)},
@@ -41,7 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ratios", nargs="+", type=float, default=[0.5], help="fractions of tokens removed")
     p.add_argument("--max_downsample", type=int, default=1, help="reduce only where downsampling <= this")
     p.add_argument("--linkage", default="average", choices=["single", "complete", "average"], help="ATC linkage")
-    p.add_argument("--backend", default="auto", help="ATC clustering backend")
+    p.add_argument("--backend", default="auto",
+                   help="ATC clustering backend: 'auto' (the best one for --device) or a name from "
+                        "atc.cluster.available_backends()")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
+                   help="UNet weights and inputs dtype (float16 as SD is usually run on a GPU)")
     p.add_argument("--runs", type=int, default=3, help="timed steps per setting")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps before timing")
     p.add_argument("--device", default="cpu", help="torch device")
@@ -72,25 +81,35 @@ def main(argv: list[str] | None = None) -> Path:
     from tqdm import tqdm
 
     import atc.patch
+    from atc.cluster import resolve_backend
     from atc.patch.diffusers_unet import check_options
     from atc.utils import write_csv
 
+    try:
+        torch.device(args.device)
+    except RuntimeError as err:
+        raise SystemExit(f"--device: {err}") from None
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("--device cuda requested but CUDA is not available here: use --device cpu")
     for method in args.methods:
         for ratio in args.ratios:
             if method != "none":
                 try:
-                    check_options(method, ratio, args.max_downsample, linkage=args.linkage, backend=args.backend)
+                    check_options(method, ratio, args.max_downsample, linkage=args.linkage, backend=args.backend,
+                                  device=args.device)
                 except ValueError as err:
                     raise SystemExit(str(err)) from None
+    backend = resolve_backend(args.backend, args.device) if "atc" in args.methods else ""
+    dtype = getattr(torch, DTYPES[args.dtype])
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    unet = UNet2DConditionModel.from_config(config).to(args.device).eval()
+    unet = UNet2DConditionModel.from_config(config).to(args.device, dtype).eval()
     params = sum(p.numel() for p in unet.parameters())
     gen = torch.Generator().manual_seed(0)
     sample = torch.randn(args.batch_size, unet.config.in_channels, args.latent_size, args.latent_size, generator=gen)
     text = torch.randn(args.batch_size, 77, unet.config.cross_attention_dim, generator=gen)
-    sample, text = sample.to(args.device), text.to(args.device)
+    sample, text = sample.to(args.device, dtype), text.to(args.device, dtype)
     settings = [("none", 0.0)] if "none" in args.methods else []
     settings += [(m, r) for m in args.methods if m != "none" for r in args.ratios]
     def configure(method: str, ratio: float) -> None:
@@ -123,6 +142,7 @@ def main(argv: list[str] | None = None) -> Path:
         row = {"config": args.config, "params_M": round(params / 1e6, 1), "latent_size": args.latent_size,
                "batch_size": args.batch_size, "method": method, "reduction_ratio": ratio,
                "linkage": args.linkage if method == "atc" else "", "max_downsample": args.max_downsample,
+               "backend": backend if method == "atc" else "", "dtype": DTYPES[args.dtype], "device": args.device,
                "step_time_median_s": statistics.median(ts), "step_time_mean_s": statistics.mean(ts),
                "step_time_std_s": statistics.pstdev(ts), "runs": len(ts)}
         rows.append(row)
