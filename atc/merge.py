@@ -10,11 +10,17 @@ With a :class:`Merge` you can
 
 - ``merge(x, weight)``: weighted mean per slot ``(B, T, C) -> (B, num_out, C)`` (or the representative tokens
   for selection methods such as K-Medoids),
-- ``merge_wavg(x, size)``: ToMe/ATC's size-weighted merge, ``x <- sum(x*size)/sum(size)``, ``size <- sum(size)``,
+- ``merge_wavg(x, size)``: ToMe/ATC's size-weighted merge, ``x <- sum(x*size)/sum(size)``, ``size <- sum(size)``
+  (``merge_with_size(x, size, weight)`` adds extra merge weights: what the model patchers call),
 - ``unmerge(y)``: back to ``(B, T, C)``, each token receiving its slot's vector,
 - ``merge_token_map(token_map)``: source tracking, which output slot holds each original token.
 
 :func:`merge_by_method` switches method by name, so a model patcher supports all of them with one call.
+
+Token counts are Python ints given by ``r`` (``Merge.num_out``), never read from a tensor, and the code here
+never waits for the device (except ToMe with explicit destination masks, whose index sets are read from the
+mask): merging traces under ``torch.compile`` without graph breaks, and ATC's clustering is the custom operator
+``atc::agglomerative_clustering`` there (see :mod:`atc.cluster`).
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from atc.cluster import agglomerative_clustering, canonical_labels
+from atc.cluster import agglomerative_clustering
 
 __all__ = [
     "Merge",
@@ -54,6 +60,9 @@ class Merge:
         num_out: number of output tokens.
         select: optional ``(B, num_out)`` long, for selection methods (K-Medoids): the input token whose
             vector represents each slot. ``None`` means slots are (weighted) means of their tokens.
+
+    ``num_out`` is a Python int fixed by the method's ``r``, never read from a tensor, so merging has static
+    shapes and needs no host synchronisation (``torch.compile`` traces it without graph breaks).
     """
 
     labels: Tensor
@@ -61,8 +70,11 @@ class Merge:
     select: Tensor | None = None
 
     def _scatter_sum(self, x: Tensor) -> Tensor:
+        """``(B, T, C) -> (B, num_out, C)``: sum of each slot's tokens."""
         bsz, t, c = x.shape
-        flat = (self.labels + torch.arange(bsz, device=x.device).unsqueeze(1) * self.num_out).reshape(-1)
+        # one flat index over the batch, so a single index_add covers every sample
+        offsets = torch.arange(0, bsz * self.num_out, self.num_out, device=x.device)
+        flat = (self.labels + offsets.unsqueeze(1)).reshape(-1)
         out = x.new_zeros(bsz * self.num_out, c)
         out.index_add_(0, flat, x.reshape(bsz * t, c))
         return out.view(bsz, self.num_out, c)
@@ -71,21 +83,54 @@ class Merge:
         """``(B, T, C) -> (B, num_out, C)``: mean of each slot's tokens weighted by ``weight (B, T, 1)``."""
         if self.select is not None:
             return x.gather(1, self.select.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        c = x.shape[-1]
         if weight is None:
-            weight = x.new_ones(x.shape[0], x.shape[1], 1)
-        weight = weight.to(x.dtype)
-        total = self._scatter_sum(weight)
-        return self._scatter_sum(x * weight) / total
+            ones = x.new_ones(x.shape[0], x.shape[1], 1)
+            sums = self._scatter_sum(torch.cat([x, ones], dim=-1))
+        else:
+            weight = weight.to(x.dtype)
+            # numerator and denominator in one scatter: [x * w, w] summed per slot
+            sums = self._scatter_sum(torch.cat([x * weight, weight], dim=-1))
+        return sums[..., :c] / sums[..., c:]
 
     def merge_size(self, size: Tensor) -> Tensor:
         """``(B, T, 1) -> (B, num_out, 1)``: sizes add up."""
         return self._scatter_sum(size)
 
-    def merge_wavg(self, x: Tensor, size: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """Size-weighted merge: returns ``(x_merged (B, num_out, C), size_merged (B, num_out, 1))``."""
+    def merge_with_size(
+        self, x: Tensor, size: Tensor | None = None, weight: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Merge tokens and their sizes together: what a patched block does at every reduction.
+
+        Args:
+            x: ``(B, T, C)`` tokens.
+            size: ``(B, T, 1)`` number of original tokens in each token; ``None``: all 1.
+            weight: optional ``(B, T, 1)`` extra merge weights (DPC-KNN's learnable weights); tokens are
+                averaged with weights ``size * weight``.
+
+        Returns:
+            ``(x_merged (B, num_out, C), size_merged (B, num_out, 1))``, ``size_merged`` the summed sizes: the
+            values of ``merge(x, size * weight)`` and ``merge_size(size)``, computed with one scatter.
+        """
+        c = x.shape[-1]
         if size is None:
             size = x.new_ones(x.shape[0], x.shape[1], 1)
-        return self.merge(x, size), self.merge_size(size)
+            if weight is None and self.select is None:  # unit sizes: plain means and member counts
+                sums = self._scatter_sum(torch.cat([x, size], dim=-1))
+                return sums[..., :c] / sums[..., c:], sums[..., c:]
+        if self.select is not None or size.dtype != x.dtype:
+            w = size if weight is None else size * weight
+            return self.merge(x, w), self.merge_size(size)
+        if weight is None:
+            sums = self._scatter_sum(torch.cat([x * size, size], dim=-1))
+            return sums[..., :c] / sums[..., c:], sums[..., c:]
+        w = (size * weight).to(x.dtype)
+        sums = self._scatter_sum(torch.cat([x * w, w, size], dim=-1))
+        return sums[..., :c] / sums[..., c:c + 1], sums[..., c + 1:]
+
+    def merge_wavg(self, x: Tensor, size: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Size-weighted merge: returns ``(x_merged (B, num_out, C), size_merged (B, num_out, 1))``."""
+        return self.merge_with_size(x, size)
 
     def unmerge(self, y: Tensor) -> Tensor:
         """``(B, num_out, C) -> (B, T, C)``: every input token receives its slot's vector."""
@@ -127,6 +172,24 @@ def _with_prefix(cluster_labels: Tensor, protected_tokens: int) -> Tensor:
     bsz = cluster_labels.shape[0]
     prefix = torch.arange(protected_tokens, device=cluster_labels.device).expand(bsz, protected_tokens)
     return torch.cat([prefix, cluster_labels + protected_tokens], dim=1)
+
+
+def _relabel_by_first_token(labels: Tensor, num_labels: int) -> Tensor:
+    """Renumber labels ``(B, T)`` with values in ``[0, num_labels)`` in order of each cluster's first token.
+
+    The result equals :func:`atc.cluster.canonical_labels`; the caller passes the bound ``num_labels`` (a Python
+    int) instead of reading ``labels.max()``, so nothing waits for the device and the shapes are static.
+    """
+    bsz, t = labels.shape
+    pos = torch.arange(t, device=labels.device)
+    # unused labels keep first = t and sort after every used one (stable sort keeps them out of the ranks < K)
+    first = torch.full((bsz, num_labels), t, dtype=torch.long, device=labels.device)
+    first.scatter_reduce_(1, labels, pos.expand(bsz, t), reduce="amin")
+    order = first.argsort(dim=1, stable=True)
+    ranks = pos if num_labels == t else torch.arange(num_labels, device=labels.device)
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, ranks.expand(bsz, num_labels))
+    return rank.gather(1, labels)
 
 
 def _check_r(r: int, num_tokens: int, protected_tokens: int, limit: int, method: str) -> int:
@@ -190,31 +253,45 @@ def bipartite_soft_matching(
     ``r`` source tokens whose best cosine match is highest merge into that destination.
     """
     bsz, t, _c = metric.shape
-    alternating = dst_mask is None
-    if alternating:
-        dst_mask = torch.arange(t, device=metric.device) % 2 == 1
-    dst_mask = dst_mask.to(metric.device).clone()
-    protected = torch.arange(t, device=metric.device) < protected_tokens
-    dst_mask &= ~protected
-    src_mask = ~dst_mask & ~protected
-    src_idx, dst_idx = src_mask.nonzero().squeeze(1), dst_mask.nonzero().squeeze(1)
-    # ToMe's alternating split can halve the free tokens at most; with explicit destinations (ToMe-SD) every
-    # source token may merge.
-    limit = min(len(src_idx), len(dst_idx)) if alternating else (len(src_idx) if len(dst_idx) else 0)
-    r = _check_r(r, t, protected_tokens, limit, "bipartite soft matching")
-    if r == 0:
-        return identity_merge(bsz, t, metric.device)
-    m = _normalize(metric)
-    scores = m[:, src_idx] @ m[:, dst_idx].transpose(1, 2)
-    node_max, node_idx = scores.max(dim=-1)
-    order = node_max.argsort(dim=-1, descending=True, stable=True)
-    merged_src = order[:, :r]
+    p = protected_tokens
+    pos = torch.arange(t, device=metric.device)
     # Every token starts in its own slot; merged sources take their destination's position as label.
-    labels = torch.arange(t, device=metric.device).repeat(bsz, 1)
-    src_pos = src_idx[merged_src]
-    dst_pos = dst_idx[node_idx.gather(1, merged_src)]
-    labels.scatter_(1, src_pos, dst_pos)
-    return Merge(canonical_labels(labels), t - r)
+    labels = pos.repeat(bsz, 1)
+    if dst_mask is None:
+        # ToMe's alternating split as strided views of the tokens: static shapes, no index tensors, and it can
+        # halve the free tokens at most
+        src_start, dst_start = p + p % 2, p + 1 - p % 2
+        num_src, num_dst = len(range(src_start, t, 2)), len(range(dst_start, t, 2))
+        r = _check_r(r, t, p, min(num_src, num_dst), "bipartite soft matching")
+        if r == 0:
+            return identity_merge(bsz, t, metric.device)
+        m = _normalize(metric)
+        src, dst = _best_matches(m[:, src_start::2] @ m[:, dst_start::2].transpose(1, 2), r)
+        labels[:, src_start::2].scatter_(1, src, pos[dst_start::2][dst])
+    else:
+        # explicit destinations (ToMe-SD): every source token may merge; the index sets depend on the mask's
+        # values, so this path reads them on the host
+        dst_mask = dst_mask.to(metric.device) & (pos >= p)
+        src_mask = ~dst_mask & (pos >= p)
+        src_idx, dst_idx = src_mask.nonzero().squeeze(1), dst_mask.nonzero().squeeze(1)
+        r = _check_r(r, t, p, len(src_idx) if len(dst_idx) else 0, "bipartite soft matching")
+        if r == 0:
+            return identity_merge(bsz, t, metric.device)
+        m = _normalize(metric)
+        src, dst = _best_matches(m[:, src_idx] @ m[:, dst_idx].transpose(1, 2), r)
+        labels.scatter_(1, src_idx[src], dst_idx[dst])
+    return Merge(_relabel_by_first_token(labels, t), t - r)
+
+
+def _best_matches(scores: Tensor, r: int) -> tuple[Tensor, Tensor]:
+    """From source-destination similarities ``(B, S, D)``: the ``r`` sources with the highest best match.
+
+    Returns ``(src, dst)``, both ``(B, r)``: indices into the source and destination sets; equal scores keep
+    source order (stable sort), as ToMe.
+    """
+    node_max, node_idx = scores.max(dim=-1)
+    merged_src = node_max.argsort(dim=-1, descending=True, stable=True)[:, :r]
+    return merged_src, node_idx.gather(1, merged_src)
 
 
 def kmedoids(
@@ -259,7 +336,7 @@ def kmedoids(
         new_medoids.scatter_reduce_(1, assign, candidate, reduce="amin")
         medoids = torch.where(new_medoids < n, new_medoids, medoids)
     assign = _nearest_centre(dist, medoids, own_cluster=True)
-    labels = canonical_labels(assign)
+    labels = _relabel_by_first_token(assign, k)
     slot_of_medoid = labels.gather(1, medoids)
     select = torch.empty_like(medoids)
     select.scatter_(1, slot_of_medoid, medoids)
@@ -293,7 +370,7 @@ def dpc_knn(metric: Tensor, r: int, protected_tokens: int = 1, *, k: int = 5, **
     score = delta * density
     centres = score.topk(num_clusters, dim=-1).indices
     assign = _nearest_centre(dist, centres, own_cluster=True)
-    return Merge(_with_prefix(canonical_labels(assign), protected_tokens), t - r)
+    return Merge(_with_prefix(_relabel_by_first_token(assign, num_clusters), protected_tokens), t - r)
 
 
 MergeMethod = Callable[..., Merge]

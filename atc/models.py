@@ -21,7 +21,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from atc.patch.common import KeepRateSchedule, check_options
+from atc.patch.common import KeepRateSchedule, check_options, patched_class
 
 __all__ = ["load_checkpoint", "MODEL_NAMES", "CheckpointError"]
 
@@ -76,9 +76,9 @@ def _build(
     model.r = schedule
     model.keep_schedule = schedule
     # timm.create_model(checkpoint_path=...) calls model.load_state_dict itself; route it through our checks.
-    # (remove_patch restores the original class recorded by the patch, dropping this one too.)
-    model.__class__ = type(model.__class__.__name__, (model.__class__,),
-                           {"load_state_dict": _registered_load_state_dict})
+    # One shared class for every registered model of a type (torch.compile guards on the type); remove_patch
+    # restores the original class recorded by the patch, dropping this one too.
+    model.__class__ = patched_class(model.__class__, {"load_state_dict": _registered_load_state_dict})
     if checkpoint_path:
         load_checkpoint(model, checkpoint_path)
     return model

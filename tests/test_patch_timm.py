@@ -15,8 +15,10 @@ import torch
 import torch.nn.functional as F
 from sklearn.cluster import AgglomerativeClustering
 from timm.layers import apply_rot_embed_cat
+from timm.layers.attention import Attention
 from timm.models.eva import Eva
-from timm.models.vision_transformer import ParallelScalingBlock, VisionTransformer
+from timm.models.vision_transformer import Block, ParallelScalingBlock, ResPostBlock, VisionTransformer
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import atc.patch
 from atc.patch.common import parse_r
@@ -311,3 +313,49 @@ def test_unsupported_options_fail_at_patch_time():
         atc.patch.timm(VisionTransformer(**TINY), method="random")
     with pytest.raises(TypeError, match="torchvision"):
         atc.patch.timm(torch.nn.Linear(2, 2))
+
+
+def test_blocks_share_one_patched_class_and_r_is_checked_when_set():
+    """One patched class per original class (torch.compile guards on types), shared across models too."""
+    first, second, post = _make("deit"), _make("deit"), _make("post_norm")
+    for model in (first, second, post):
+        atc.patch.timm(model, method="tome")
+    assert len({type(b) for b in first.blocks} | {type(b) for b in second.blocks}) == 1
+    assert type(first) is type(second)
+    assert type(post.blocks[0]) is not type(first.blocks[0])
+    assert isinstance(post.blocks[0], ResPostBlock) and isinstance(first.blocks[0], Block)
+    assert type(first.blocks[0].attn) is Attention  # attention runs unpatched code where nothing merges
+    with pytest.raises(ValueError, match="3 blocks"):
+        first.r = [1, 2]
+    with pytest.raises(TypeError, match="model.r"):
+        first.r = "16"
+    assert first.r == 0
+    atc.patch.remove(first)
+    assert type(first) is VisionTransformer and type(first.blocks[0]) is Block
+    assert type(second.blocks[0]) is not Block  # removing one model's patch leaves the other patched
+
+
+class _OpLog(TorchDispatchMode):
+    """The ATen operators a forward runs, in order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("family", ["deit", "eva_rope"])
+def test_r0_runs_exactly_the_unpatched_operators(family):
+    """With r = 0 nothing of the patch runs on tensors: no extra kernel over the unpatched model."""
+    model = _make(family)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        with _OpLog() as ref:
+            model(x)
+        atc.patch.timm(model, method="atc", trace_source=False)
+        with _OpLog() as patched:
+            model(x)
+    assert patched.ops == ref.ops

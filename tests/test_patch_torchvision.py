@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from sklearn.cluster import AgglomerativeClustering
-from torchvision.models.vision_transformer import VisionTransformer
+from torch.utils._python_dispatch import TorchDispatchMode
+from torchvision.models.vision_transformer import EncoderBlock, VisionTransformer
 
 import atc.patch
 
@@ -108,3 +109,30 @@ def test_trace_source_and_errors():
         atc.patch.swag(model)
     with pytest.raises(TypeError, match="VisionTransformer"):
         atc.patch.swag(torch.nn.Linear(2, 2))
+
+
+def test_layers_share_one_patched_class_and_r0_runs_the_unpatched_operators():
+    model, other = _make(), _make()
+    x = torch.randn(1, 3, 64, 64)
+
+    class OpLog(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad():
+        with OpLog() as ref:
+            model(x)
+        atc.patch.swag(model, method="tome")
+        atc.patch.swag(other, method="atc")
+        with OpLog() as patched:
+            model(x)
+    assert patched.ops == ref.ops
+    classes = {type(blk) for m in (model, other) for blk in m.encoder.layers}
+    assert len(classes) == 1 and issubclass(classes.pop(), EncoderBlock)
+    atc.patch.remove(model)
+    assert type(model.encoder.layers[0]) is EncoderBlock and type(other.encoder.layers[0]) is not EncoderBlock

@@ -4,6 +4,11 @@ A patched model carries one :class:`MergeState` that every patched block reads a
 pass: the token sizes, the source map, the resolved number of tokens to remove per block and the token counts
 reached. The patchers know where in a block to merge; *how* to merge is always :func:`atc.merge.merge_by_method`.
 
+Every token count of a forward is decided before the blocks run, from ``model.r`` and the number of input
+tokens (:func:`plan_reduction`), never read from a tensor: the patched forward has static shapes, needs no host
+synchronisation, and ``torch.compile`` traces it (see docs/vit.md). Patched modules of one original class share
+one patched class (:func:`patched_class`), so a compiled model compiles each block type once.
+
 ``model.r`` (set after patching) may be
 
 - an ``int``: remove that many tokens in every block,
@@ -19,7 +24,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -31,9 +36,17 @@ __all__ = [
     "METRICS",
     "KeepRateSchedule",
     "MergeState",
+    "ReductionPlan",
+    "BlockStep",
+    "plan_reduction",
     "parse_r",
     "check_options",
     "weighted_pool",
+    "patched_class",
+    "swap_class",
+    "patch_blocks",
+    "patch_model",
+    "remove_patch",
 ]
 
 #: Which tensor the merge metric is computed from: attention keys / queries / values averaged over heads
@@ -126,13 +139,96 @@ def check_options(method: str, linkage: str, metric: str) -> None:
         raise ValueError(f"unknown merge metric {metric!r}: choose one of {METRICS}")
 
 
-@dataclass
-class MergeState:
-    """Options fixed at patch time plus the state of the current forward pass.
+class BlockStep(NamedTuple):
+    """What one block does in a forward pass, decided from Python ints before the block runs.
 
-    After a forward, ``tokens`` holds the token count (incl. prefix tokens) after each block, ``size``
-    ``(B, T, 1)`` the number of original tokens in each output token, and with ``trace_source`` the
-    ``token_map (B, N)``: for each input token (prefix tokens included) the output slot holding it.
+    Attributes:
+        pre_r: tokens removed from the block input (K-Medoids, DPC-KNN), 0 if none.
+        in_r: tokens removed after the attention residual (ATC, ToMe), 0 if none.
+        attention_received: K-Medoids: record the attention each token receives here (the next block
+            reduces with it as token weights).
+        plain: nothing of the patch applies (no reduction, no sizes yet or no proportional attention, no
+            attention to record): the original block forward runs unchanged.
+    """
+
+    pre_r: int
+    in_r: int
+    attention_received: bool
+    plain: bool
+
+
+class ReductionPlan(NamedTuple):
+    """Token counts of a whole forward pass: static given ``model.r`` and the number of input tokens.
+
+    ``requested[i]`` is what block ``i`` was asked to remove, ``removed[i]`` what it removes (capped at what the
+    method can do), ``tokens[i]`` the count after block ``i`` (prefix tokens included).
+    """
+
+    r_list: tuple[int, ...]
+    requested: tuple[int, ...]
+    removed: tuple[int, ...]
+    tokens: tuple[int, ...]
+    capped: bool
+    steps: tuple[BlockStep, ...]
+
+
+def plan_reduction(r: Any, method: str, depth: int, num_tokens: int, protected: int = 1,
+                   prop_attn: bool = True) -> ReductionPlan:
+    """Resolve ``model.r`` into the per-block reductions of a forward on ``num_tokens`` tokens (prefix incl.).
+
+    Every count is computed here, from Python ints, so the forward never reads a count from a tensor: shapes
+    are static and ``torch.compile`` can trace the whole forward. Requests beyond what ``method`` can remove
+    are capped (``capped`` records it); with a :class:`KeepRateSchedule` later locations aim at their planned
+    absolute counts from wherever the previous step got to.
+    """
+    parsed = parse_r(r, depth)
+    targets: dict[int, int] = {}
+    if isinstance(parsed, KeepRateSchedule):
+        kept = parsed.kept(num_tokens - protected)
+        targets = dict(zip(parsed.reduction_loc, kept))
+        r_list = [0] * depth
+        current = num_tokens - protected
+        for loc, k in zip(parsed.reduction_loc, kept):
+            r_list[loc] = max(current - k, 0)
+            current = k
+    else:
+        r_list = parsed
+    pre_block = method in PRE_BLOCK_METHODS
+    requested, removed, tokens = [], [], []
+    t, capped = num_tokens, False
+    for i in range(depth):
+        want = max(t - protected - targets[i], 0) if i in targets else r_list[i]
+        got = min(want, max_removable(method, t, protected))
+        capped = capped or got < want
+        requested.append(want)
+        removed.append(got)
+        t -= got
+        tokens.append(t)
+    steps, merged_before = [], False
+    for i, got in enumerate(removed):
+        pre_r = got if pre_block else 0
+        receive = method == "kmedoids" and i + 1 < depth and removed[i + 1] > 0
+        # proportional attention needs log(size) once any block has merged (or this block's input was reduced)
+        biased = prop_attn and (merged_before or pre_r > 0)
+        steps.append(BlockStep(pre_r, 0 if pre_block else got, receive, not (got or receive or biased)))
+        merged_before = merged_before or got > 0
+    return ReductionPlan(tuple(r_list), tuple(requested), tuple(removed), tuple(tokens), capped, tuple(steps))
+
+
+def _plan_key(r: Any) -> Any:
+    """A hashable snapshot of ``model.r`` (a list may be edited in place between forwards)."""
+    return tuple(r) if isinstance(r, list) else r
+
+
+@dataclass(eq=False)
+class MergeState:
+    """Options fixed at patch time plus the state of the current forward pass, shared by all patched blocks.
+
+    The first block calls :meth:`start`, which resolves ``r`` into a :class:`ReductionPlan` (cached per
+    ``(r, number of tokens)`` in eager mode); each block then looks up its :class:`BlockStep`. During and after
+    a forward, ``size (B, T, 1)`` holds the number of original tokens in each current token (``None`` before
+    any merge) and, with ``trace_source``, ``token_map (B, N)`` the current slot of every input token (prefix
+    tokens included).
     """
 
     method: str = "atc"
@@ -144,119 +240,107 @@ class MergeState:
     protected: int = 1
     depth: int = 12
     r: Any = 0
-    # per-forward
-    r_list: list[int] = field(default_factory=list)
+    warned: bool = False
+    # per forward
+    plan: ReductionPlan | None = None
     size: Tensor | None = None
     token_map: Tensor | None = None
-    tokens: list[int] = field(default_factory=list)
-    requested: list[int] = field(default_factory=list)
-    capped: bool = False
-    warned: bool = False
     attn_received: Tensor | None = None
-    targets: dict[int, int] = field(default_factory=dict)
+    rope: Tensor | None = None
+    _bias: Tensor | None = None
+    _plans: dict[Any, ReductionPlan] = field(default_factory=dict, repr=False)
 
-    def reset(self, num_tokens: int, batch_size: int, device: torch.device) -> None:
-        """Start a forward with ``num_tokens`` tokens (prefix included) per sample."""
+    def set_r(self, r: Any) -> None:
+        """Validate ``r`` now (a bad value fails where it is set, naming the problem) and use it from now on."""
+        parse_r(r, self.depth)
+        self.r = r
+
+    def start(self, x: Tensor) -> ReductionPlan:
+        """Begin a forward on the first block's input ``x (B, N, C)``; returns the plan of this forward."""
+        bsz, num_tokens = x.shape[0], x.shape[1]
+        self.plan = self._plan_for(num_tokens)
         self.size = None
+        self._bias = None
         self.attn_received = None
-        self.tokens = []
-        self.requested = []
-        self.capped = False
-        parsed = parse_r(self.r, self.depth)
-        self.targets = {}
-        if isinstance(parsed, KeepRateSchedule):
-            # targets are absolute counts: if a step was capped (ToMe), later steps aim at the planned count
-            # from wherever the previous step actually got to
-            self.targets = dict(zip(parsed.reduction_loc, parsed.kept(num_tokens - self.protected)))
-            self.r_list = self._schedule_to_r(parsed, num_tokens - self.protected)
-        else:
-            self.r_list = parsed
-        self.token_map = init_token_map(batch_size, num_tokens, device) if self.trace_source else None
+        self.rope = None
+        self.token_map = init_token_map(bsz, num_tokens, x.device) if self.trace_source else None
+        return self.plan
 
-    def _schedule_to_r(self, sched: KeepRateSchedule, num_patches: int) -> list[int]:
-        out = [0] * self.depth
-        current = num_patches
-        for loc, kept in zip(sched.reduction_loc, sched.kept(num_patches)):
-            out[loc] = max(current - kept, 0)
-            current = kept
-        return out
+    def _plan_for(self, num_tokens: int) -> ReductionPlan:
+        args = (self.method, self.depth, num_tokens, self.protected, self.prop_attn)
+        if torch.compiler.is_compiling():
+            # traced once per compilation: dynamo guards on r and the token count, and a cache lookup here
+            # would add guards on the cache's contents (a recompile every time it grows)
+            return plan_reduction(self.r, *args)
+        try:
+            key = (num_tokens, _plan_key(self.r))
+            plan = self._plans.get(key)
+        except TypeError:  # an unhashable r (parse_r names the problem)
+            return plan_reduction(self.r, *args)
+        if plan is None:
+            plan = plan_reduction(self.r, *args)
+            if len(self._plans) >= 64:
+                self._plans.clear()
+            self._plans[key] = plan
+            if plan.capped and not self.warned:
+                self.warned = True
+                self._warn_capped(plan)
+        return plan
 
-    def block_r(self, index: int, num_tokens: int) -> int:
-        """Tokens to remove in block ``index``, capped (with a record of it) at what the method can do."""
-        want = self.r_list[index] if index < len(self.r_list) else 0
-        if index in self.targets:
-            want = max(num_tokens - self.protected - self.targets[index], 0)
-        limit = max_removable(self.method, num_tokens, self.protected)
-        self.requested.append(want)
-        if want > limit:
-            self.capped = True
-            return limit
-        return want
-
-    @property
-    def needs_attention_weights(self) -> bool:
-        return self.method == "kmedoids"
-
-    def wants_attention_at(self, index: int) -> bool:
-        """K-Medoids weights tokens by the attention they received in the block before a reduction."""
-        return self.needs_attention_weights and index + 1 < len(self.r_list) and self.r_list[index + 1] > 0
+    def _warn_capped(self, plan: ReductionPlan) -> None:
+        """Warn once per model when the method cannot remove what was asked (ToMe's 50% cap). Eager only:
+        dynamo cannot trace ``warnings.warn``; ``model._atc_info["capped"]`` says it either way."""
+        why = ("bipartite matching removes at most half of the unprotected tokens per block"
+               if self.method == "tome" else "at least one unprotected token must remain")
+        warnings.warn(
+            f"{self.method} cannot remove the requested number of tokens: asked to remove "
+            f"{list(plan.requested)} per block, reached token counts {list(plan.tokens)} (incl. {self.protected} "
+            f"protected): {why}.",
+            stacklevel=2,
+        )
 
     def attention_bias(self, dtype: torch.dtype) -> Tensor | None:
-        """``log(size)`` over keys ``(B, 1, 1, T)`` for proportional attention, or ``None``."""
+        """``log(size)`` over keys ``(B, 1, 1, T)`` for proportional attention, or ``None``.
+
+        Computed once per merge (sizes only change there), not once per block.
+        """
         if not self.prop_attn or self.size is None:
             return None
-        return self.size.to(dtype).log()[:, None, None, :, 0]
+        if self._bias is None or self._bias.dtype != dtype:
+            self._bias = self.size.to(dtype).log()[:, None, None, :, 0]
+        return self._bias
 
-    def merge(
-        self, index: int, x: Tensor, metric: Tensor, token_weight: Tensor | None = None
-    ) -> tuple[Tensor, Merge | None]:
-        """Remove ``r`` tokens from ``x (B, T, C)`` using ``metric (B, T, C')``; returns the merged ``x``.
+    def merge(self, x: Tensor, metric: Tensor, r: int, token_weight: Tensor | None = None) -> tuple[Tensor, Merge]:
+        """Remove ``r`` tokens from ``x (B, T, C)`` comparing tokens by ``metric (B, T, C')``.
 
-        Sizes and the source map are updated; ``token_weight (B, T, 1)`` multiplies the sizes as merge
-        weights (DPC-KNN's learnable weights).
+        Sizes and the source map are updated; ``token_weight (B, T, 1)`` multiplies the sizes as merge weights
+        (DPC-KNN's learnable weights). Returns the merged ``x (B, T - r, C)`` and the :class:`Merge`.
         """
-        t = x.shape[1]
-        r = self.block_r(index, t)
-        if r <= 0:
-            self.tokens.append(t)
-            return x, None
         options: dict[str, Any] = {"linkage": self.linkage, "backend": self.backend}
         if self.method == "kmedoids" and self.attn_received is not None:
             options["weights"] = self.attn_received
         with torch.no_grad():
             m = merge_by_method(self.method, metric.detach(), r, self.protected, **options)
-        size = self.size if self.size is not None else x.new_ones(x.shape[0], t, 1)
-        weight = size if token_weight is None else size * token_weight
-        x = m.merge(x, weight.to(x.dtype))
-        self.size = m.merge_size(size)
+        x, self.size = m.merge_with_size(x, self.size, token_weight)
+        self._bias = None
+        self.attn_received = None
         if self.token_map is not None:
             self.token_map = m.merge_token_map(self.token_map)
-        self.tokens.append(m.num_out)
         return x, m
 
-    def finish(self) -> None:
-        """Warn once per model when the method could not remove what was asked (ToMe's 50% cap)."""
-        if self.capped and not self.warned:
-            self.warned = True
-            why = ("bipartite matching removes at most half of the unprotected tokens per block"
-                   if self.method == "tome" else "at least one unprotected token must remain")
-            warnings.warn(
-                f"{self.method} cannot remove the requested number of tokens: asked to remove "
-                f"{self.requested} per block, reached token counts {self.tokens} (incl. {self.protected} "
-                f"protected): {why}.",
-                stacklevel=5,
-            )
-
     def info(self) -> dict[str, Any]:
-        """The documented ``model._atc_info`` view of the last forward pass."""
+        """The documented ``model._atc_info`` view of the last forward pass (``{}`` before the first)."""
+        plan = self.plan
+        if plan is None:
+            return {}
         return {
-            "tokens": list(self.tokens),
-            "requested_r": list(self.requested),
-            "r": list(self.r_list),
+            "tokens": list(plan.tokens),
+            "requested_r": list(plan.requested),
+            "r": list(plan.r_list),
             "size": self.size,
             "token_map": self.token_map,
             "protected": self.protected,
-            "capped": self.capped,
+            "capped": plan.capped,
         }
 
 
@@ -281,11 +365,89 @@ def weighted_pool(x: Tensor, size: Tensor | None, pool_type: str, num_prefix: in
     raise ValueError(f"pooling {pool_type!r} is not supported with token merging")
 
 
-def swap_class(module: nn.Module, methods: dict[str, Any]) -> None:
-    """Give ``module`` a subclass of its class overriding ``methods``; :func:`remove_patch` restores it."""
+# --------------------------------------------------------------------------------------------------------------
+# Swapping classes in place, and undoing it
+# --------------------------------------------------------------------------------------------------------------
+_PATCHED_CLASSES: dict[tuple[type, tuple[tuple[str, Any], ...]], type] = {}
+
+
+def patched_class(cls: type, members: dict[str, Any]) -> type:
+    """The subclass of ``cls`` overriding ``members``, created once and shared by every module that uses it.
+
+    One class per (original class, members) rather than one per module instance: ``torch.compile`` guards on
+    a module's type, so a class per block would compile every block separately (and hit the recompile limit).
+    The subclass records the original class as ``_atc_base`` so patched methods can call the original ones.
+    """
+    key = (cls, tuple(sorted(members.items(), key=lambda kv: kv[0])))
+    name = cls.__name__ if cls.__name__.startswith("ATC") else f"ATC{cls.__name__}"
+    # a subclass of a patched class (atc.models adds one) keeps pointing at the original
+    body = {"_atc_base": getattr(cls, "_atc_base", cls), **members}
+    try:
+        return _PATCHED_CLASSES[key]
+    except KeyError:
+        new = _PATCHED_CLASSES[key] = type(name, (cls,), body)
+        return new
+    except TypeError:  # unhashable member values: an unshared class
+        return type(name, (cls,), body)
+
+
+def swap_class(module: nn.Module, members: dict[str, Any]) -> None:
+    """Give ``module`` the shared patched subclass of its class (:func:`patched_class`); :func:`remove_patch`
+    restores the original."""
     cls = module.__class__
     module._atc_orig_class = cls
-    module.__class__ = type(f"ATC{cls.__name__}", (cls,), methods)
+    module.__class__ = patched_class(cls, members)
+
+
+def _get_r(model: nn.Module) -> Any:
+    return model._atc_state.r
+
+
+def _set_r(model: nn.Module, value: Any) -> None:
+    model._atc_state.set_r(value)
+
+
+def _get_info(model: nn.Module) -> dict[str, Any]:
+    return model._atc_state.info()
+
+
+#: ``model.r`` (validated when set, read by the first block) and ``model._atc_info`` (the last forward's
+#: counts, sizes and source map, read from the shared state) on every patched model class
+_MODEL_MEMBERS = {
+    "r": property(_get_r, _set_r, doc="Tokens to remove per block (int, per-block list, schedule)."),
+    "_atc_info": property(_get_info, doc="Token counts, sizes and source map of the last forward pass."),
+}
+
+
+def patch_blocks(blocks: Sequence[nn.Module], state: MergeState, members_for: Callable[[nn.Module], dict[str, Any]],
+                 score_dim: int | None = None) -> None:
+    """Patch ``blocks`` in place: shared state, block index, DPC-KNN's score layer, the shared patched class.
+
+    ``members_for(block)`` returns the class members overriding the block's (its ``forward``, constants).
+    ``score_dim``: input width of DPC-KNN's learnable token score ``Linear(C -> 1)``, initialised to zero
+    (uniform weights), added as ``block.atc_token_score`` when the method is ``dpcknn``.
+    """
+    for i, blk in enumerate(blocks):
+        blk._atc_state = state
+        blk._atc_index = i
+        if state.method == "dpcknn":
+            score = nn.Linear(score_dim, 1)
+            nn.init.zeros_(score.weight)
+            nn.init.zeros_(score.bias)
+            param = next(blk.parameters(), None)
+            blk.atc_token_score = score if param is None else score.to(param.device)
+        swap_class(blk, members_for(blk))
+
+
+def patch_model(model: nn.Module, state: MergeState, module_name: str,
+                members: dict[str, Any] | None = None) -> nn.Module:
+    """Patch the model object itself: ``model.r`` (0: identical to the unpatched model), ``model._atc_info``,
+    optional overrides ``members`` (e.g. timm's ``pool``), and the record :func:`atc.patch.remove` uses."""
+    model._atc_state = state
+    swap_class(model, {**_MODEL_MEMBERS, **(members or {})})
+    model._atc_patch_module = module_name
+    model.r = 0
+    return model
 
 
 _PATCH_ATTRS = ("_atc_orig_class", "_atc_state", "_atc_index", "_atc_metric", "_atc_info", "_atc_patch_module", "r")

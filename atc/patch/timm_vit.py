@@ -13,8 +13,11 @@ biases, any number of prefix tokens (class, distillation, register tokens: all p
 ``class_token=False`` with ``global_pool="avg"|"max"|"avgmax"`` (averages become size-weighted),
 ``dynamic_img_size``, pre-norm (``Block``, ``EvaBlock``) and post-norm (``ResPostBlock``,
 ``EvaBlockPostNorm``) blocks, and EVA's rotary embeddings (the rotary table of a merged token is merged like
-the token itself: exact for K-Medoids, which selects tokens, a size-weighted mean otherwise). Attention runs
-through ``F.scaled_dot_product_attention`` with ``log(size)`` as additive mask (proportional attention).
+the token itself: exact for K-Medoids, which selects tokens, a size-weighted mean otherwise). In a block that
+merges, or once tokens have sizes, attention runs through ``F.scaled_dot_product_attention`` with ``log(size)``
+as additive mask (proportional attention); a block with nothing to do runs timm's own forward. One forward
+serves the four block classes (their layout is a class constant), and blocks of one class share one patched
+class, so ``torch.compile`` traces the model as one graph.
 
 Placement (REFERENCE §1): ATC and ToMe merge inside each block after the attention residual, before the MLP;
 K-Medoids and DPC-KNN reduce the block input before the block. Unsupported variants (attention pooling
@@ -23,13 +26,11 @@ K-Medoids and DPC-KNN reduce the block input before the block. Unsupported varia
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from atc.patch.common import (PRE_BLOCK_METHODS, MergeState, check_options, remove_patch, swap_class,
+from atc.patch.common import (BlockStep, MergeState, check_options, patch_blocks, patch_model, remove_patch,
                               weighted_pool)
 
 __all__ = ["apply_patch", "remove_patch"]
@@ -38,7 +39,7 @@ MODULE_NAME = "timm_vit"
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Attention: timm's computation, plus proportional attention and the merge metric
+# Attention: timm's computation, plus proportional attention, the merge metric and K-Medoids' weights
 # --------------------------------------------------------------------------------------------------------------
 def _qkv_timm(attn: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     b, n, _ = x.shape
@@ -71,13 +72,20 @@ def _qkv_eva(attn: nn.Module, x: Tensor, rope: Tensor | None) -> tuple[Tensor, T
     return q, k, v
 
 
-def _attend(attn: nn.Module, x: Tensor, attn_mask: Tensor | None, is_causal: bool, rope: Tensor | None = None,
-            eva: bool = False) -> Tensor:
-    """timm's attention forward with ``log(size)`` added to the mask; stores the metric on the module."""
-    state: MergeState = attn._atc_state
+def _attend(block: nn.Module, x: Tensor, step: BlockStep, rope: Tensor | None, attn_mask: Tensor | None,
+            is_causal: bool) -> tuple[Tensor, Tensor | None]:
+    """timm's attention forward on ``x (B, T, C)`` with ``log(size)`` as additive mask (proportional attention).
+
+    Returns ``(output (B, T, C), metric (B, T, C') or None)``: the merge metric (keys/queries/values averaged
+    over heads) when this block merges after attention. For K-Medoids it also records, on the state, the
+    attention each token received (SDPA does not return the weights, so they are recomputed, only in the
+    block before a reduction).
+    """
+    state: MergeState = block._atc_state
+    attn = block.attn
     b, n, _ = x.shape
     gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
-    q, k, v = _qkv_eva(attn, x, rope) if eva else _qkv_timm(attn, x)
+    q, k, v = _qkv_eva(attn, x, rope) if block._atc_eva else _qkv_timm(attn, x)
     bias = state.attention_bias(q.dtype)
     if bias is not None:
         if is_causal or attn_mask is not None:
@@ -86,170 +94,106 @@ def _attend(attn: nn.Module, x: Tensor, attn_mask: Tensor | None, is_causal: boo
     out = F.scaled_dot_product_attention(
         q, k, v, attn_mask=attn_mask, dropout_p=attn.attn_drop.p if attn.training else 0.0, is_causal=is_causal
     )
-    if state.wants_attention_at(attn._atc_index):
-        # K-Medoids needs the attention each token *received*; SDPA does not return it, so recompute here
-        # (only in the block before a reduction).
+    if step.attention_received:
         logits = (q * attn.scale) @ k.transpose(-2, -1)
         if attn_mask is not None:
             logits = logits + attn_mask
         state.attn_received = logits.softmax(dim=-1).mean(dim=1).sum(dim=1).detach()
-    if state.metric != "x":
-        attn._atc_metric = {"keys": k, "queries": q, "values": v}[state.metric].mean(dim=1)
+    metric = None
+    if step.in_r and state.metric != "x":
+        metric = {"keys": k, "queries": q, "values": v}[state.metric].mean(dim=1)
     out = out.transpose(1, 2).reshape(b, n, -1)
     out = attn.norm(out)
     if gate is not None:
         out = out * gate
-    return attn.proj_drop(attn.proj(out))
-
-
-def _attention_forward(self: nn.Module, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
-    return _attend(self, x, attn_mask, is_causal)
-
-
-def _eva_attention_forward(self: nn.Module, x: Tensor, rope: Tensor | None = None, attn_mask: Tensor | None = None,
-                           is_causal: bool = False) -> Tensor:
-    return _attend(self, x, attn_mask, is_causal, rope=rope, eva=True)
+    return attn.proj_drop(attn.proj(out)), metric
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Blocks
+# Blocks: one forward for Block, ResPostBlock, EvaBlock and EvaBlockPostNorm
 # --------------------------------------------------------------------------------------------------------------
-def _start(block: nn.Module, x: Tensor) -> MergeState:
+def _layer_scale(block: nn.Module, h: Tensor, which: int) -> Tensor:
+    """LayerScale of a pre-norm block: timm's ``ls1``/``ls2`` modules, EVA's optional ``gamma_1``/``gamma_2``."""
+    if block._atc_eva:
+        gamma = block.gamma_1 if which == 1 else block.gamma_2
+        return h if gamma is None else gamma * h
+    return (block.ls1 if which == 1 else block.ls2)(h)
+
+
+def _merge(block: nn.Module, x: Tensor, metric: Tensor, r: int, weight: Tensor | None,
+           rope: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """Remove ``r`` tokens from ``x`` and carry EVA's rotary table ``rope`` along (merged like the tokens:
+    selected for K-Medoids, a size-weighted mean otherwise); returns ``(x, rope)``."""
     state: MergeState = block._atc_state
-    if block._atc_index == 0 or not state.r_list:
-        state.reset(x.shape[1], x.shape[0], x.device)
-        state.rope = None
-    return state
+    size = state.size
+    x, m = state.merge(x, metric, r, weight)
+    if rope is not None:
+        bsz, p = x.shape[0], state.protected
+        if rope.dim() == 2:  # (N, D): one table for the batch
+            rope = rope.unsqueeze(0).expand(bsz, -1, -1)
+        elif rope.dim() == 4:  # (B, 1, N, D): per sample, after a merge or timm's patch dropout
+            rope = rope[:, 0]
+        padded = torch.cat([rope.new_zeros(bsz, p, rope.shape[-1]), rope], dim=1)
+        weight = size if size is not None else rope.new_ones(bsz, padded.shape[1], 1)
+        rope = m.merge(padded, weight.to(rope.dtype))[:, p:].unsqueeze(1)
+        state.rope = rope
+    return x, rope
 
 
-def _pre_merge(block: nn.Module, state: MergeState, x: Tensor) -> Tensor:
-    """K-Medoids / DPC-KNN: reduce the block input (REFERENCE §1)."""
-    if state.method not in PRE_BLOCK_METHODS:
-        return x
-    weight = None
-    if state.method == "dpcknn":
-        # learnable merge weights exp(Linear(C -> 1)(x)), uniform at initialisation (zero weights)
-        weight = block.atc_token_score(x).exp()
-    x_new, m = state.merge(block._atc_index, x, x, weight)
-    _merge_rope(state, m, x)
-    return x_new
-
-
-def _in_merge(block: nn.Module, state: MergeState, x: Tensor, block_input: Tensor) -> Tensor:
-    """ATC / ToMe: merge after the attention residual, before the MLP."""
-    if state.method in PRE_BLOCK_METHODS:
-        return x
-    metric = block_input if state.metric == "x" else block.attn._atc_metric
-    block.attn._atc_metric = None
-    x_new, m = state.merge(block._atc_index, x, metric)
-    _merge_rope(state, m, x)
-    return x_new
-
-
-def _merge_rope(state: MergeState, m: Any, x: Tensor) -> None:
-    """Carry EVA's rotary table along with the tokens: merged like the tokens (selected for K-Medoids)."""
-    rope = getattr(state, "rope_full", None)
-    if m is None or rope is None:
-        return
-    rope = state.rope if state.rope is not None else rope
-    b, p = x.shape[0], state.protected
-    if rope.dim() == 2:
-        rope = rope.unsqueeze(0).expand(b, -1, -1)
-    elif rope.dim() == 4:  # (B, 1, N, D) after timm's patch dropout
-        rope = rope[:, 0]
-    padded = torch.cat([rope.new_zeros(b, p, rope.shape[-1]), rope], dim=1)
-    size = state._prev_size if state._prev_size is not None else x.new_ones(b, x.shape[1], 1)
-    merged = m.merge(padded, size.to(rope.dtype))
-    state.rope = merged[:, p:].unsqueeze(1)
+def _run_block(self: nn.Module, x: Tensor, rope: Tensor | None, attn_mask: Tensor | None, is_causal: bool) -> Tensor:
+    """The patched block on ``x (B, T, C)``, returning ``(B, T - r, C)``: reduce the input (K-Medoids, DPC-KNN)
+    or merge after the attention residual (ATC, ToMe), with proportional attention; the original forward where
+    none of it applies (:attr:`BlockStep.plain`)."""
+    state: MergeState = self._atc_state
+    index = self._atc_index
+    plan = state.start(x) if index == 0 else state.plan
+    step = plan.steps[index]
+    if state.rope is not None:
+        rope = state.rope
+    if step.plain:
+        if self._atc_eva:
+            return self._atc_base.forward(self, x, rope=rope, attn_mask=attn_mask, is_causal=is_causal)
+        return self._atc_base.forward(self, x, attn_mask=attn_mask, is_causal=is_causal)
+    if step.pre_r:
+        # DPC-KNN merges with learnable weights exp(Linear(C -> 1)(x)), uniform at initialisation
+        weight = self.atc_token_score(x).exp() if state.method == "dpcknn" else None
+        x, rope = _merge(self, x, x, step.pre_r, weight, rope)
+    block_input = x
+    if self._atc_post_norm:
+        h, metric = _attend(self, x, step, rope, attn_mask, is_causal)
+        x = x + self.drop_path1(self.norm1(h))
+    else:
+        h, metric = _attend(self, self.norm1(x), step, rope, attn_mask, is_causal)
+        x = x + self.drop_path1(_layer_scale(self, h, 1))
+    if step.in_r:
+        x, rope = _merge(self, x, block_input if metric is None else metric, step.in_r, None, rope)
+    if self._atc_post_norm:
+        return x + self.drop_path2(self.norm2(self.mlp(x)))
+    return x + self.drop_path2(_layer_scale(self, self.mlp(self.norm2(x)), 2))
 
 
 def _block_forward(self: nn.Module, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
-    state = _start(self, x)
-    state._prev_size = state.size
-    x = _pre_merge(self, state, x)
-    block_input = x
-    x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)))
-    state._prev_size = state.size
-    x = _in_merge(self, state, x, block_input)
-    return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
-
-
-def _res_post_block_forward(self: nn.Module, x: Tensor, attn_mask: Tensor | None = None,
-                            is_causal: bool = False) -> Tensor:
-    state = _start(self, x)
-    state._prev_size = state.size
-    x = _pre_merge(self, state, x)
-    block_input = x
-    x = x + self.drop_path1(self.norm1(self.attn(x, attn_mask=attn_mask, is_causal=is_causal)))
-    state._prev_size = state.size
-    x = _in_merge(self, state, x, block_input)
-    return x + self.drop_path2(self.norm2(self.mlp(x)))
-
-
-def _eva_rope(state: MergeState, rope: Tensor | None) -> Tensor | None:
-    if state.rope_full is None:
-        state.rope_full = rope
-    return state.rope if state.rope is not None else rope
+    """``forward`` of patched ``Block``/``ResPostBlock`` (timm's signature)."""
+    return _run_block(self, x, None, attn_mask, is_causal)
 
 
 def _eva_block_forward(self: nn.Module, x: Tensor, rope: Tensor | None = None, attn_mask: Tensor | None = None,
                        is_causal: bool = False) -> Tensor:
-    state = _start(self, x)
-    if self._atc_index == 0:
-        state.rope_full = rope
-    state._prev_size = state.size
-    x = _pre_merge(self, state, x)
-    rope = _eva_rope(state, rope)
-    block_input = x
-    x_attn = self.attn(self.norm1(x), rope=rope, attn_mask=attn_mask, is_causal=is_causal)
-    if self.gamma_1 is not None:
-        x_attn = self.gamma_1 * x_attn
-    x = x + self.drop_path1(x_attn)
-    state._prev_size = state.size
-    x = _in_merge(self, state, x, block_input)
-    x_mlp = self.mlp(self.norm2(x))
-    if self.gamma_2 is not None:
-        x_mlp = self.gamma_2 * x_mlp
-    return x + self.drop_path2(x_mlp)
-
-
-def _eva_post_block_forward(self: nn.Module, x: Tensor, rope: Tensor | None = None,
-                            attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
-    state = _start(self, x)
-    if self._atc_index == 0:
-        state.rope_full = rope
-    state._prev_size = state.size
-    x = _pre_merge(self, state, x)
-    rope = _eva_rope(state, rope)
-    block_input = x
-    x = x + self.drop_path1(self.norm1(self.attn(x, rope=rope, attn_mask=attn_mask, is_causal=is_causal)))
-    state._prev_size = state.size
-    x = _in_merge(self, state, x, block_input)
-    return x + self.drop_path2(self.norm2(self.mlp(x)))
+    """``forward`` of patched ``EvaBlock``/``EvaBlockPostNorm`` (EVA's signature, with the rotary table)."""
+    return _run_block(self, x, rope, attn_mask, is_causal)
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Model
 # --------------------------------------------------------------------------------------------------------------
-def _model_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-    state: MergeState = self._atc_state
-    state.r = self.r
-    state.r_list = []
-    state.rope_full = None
-    out = self._atc_orig_class.forward(self, *args, **kwargs)
-    state.finish()
-    self._atc_info = state.info()
-    return out
-
-
 def _model_pool(self: nn.Module, x: Tensor, pool_type: str | None = None) -> Tensor:
+    """timm's ``pool`` with size-weighted averages over merged tokens."""
     state: MergeState = self._atc_state
     pool_type = self.global_pool if pool_type is None else pool_type
     if pool_type in ("avg", "max", "avgmax") and state.size is not None and state.size.shape[1] == x.shape[1]:
         return weighted_pool(x, state.size, pool_type, self.num_prefix_tokens,
                              bool(getattr(self, "pool_include_prefix", False)))
-    return self._atc_orig_class.pool(self, x, pool_type)
-
+    return self._atc_base.pool(self, x, pool_type)
 
 
 def _check_supported(model: nn.Module) -> tuple[bool, list[nn.Module]]:
@@ -317,37 +261,20 @@ def apply_patch(
         the same model; ``model.r`` defaults to 0 (identical to the unpatched model).
     """
     check_options(method, linkage, metric)
-    is_eva, blocks = _check_supported(model)
+    _is_eva, blocks = _check_supported(model)
     state = MergeState(
         method=method, linkage=linkage, prop_attn=prop_attn, trace_source=trace_source, backend=backend,
         metric=metric, protected=int(model.num_prefix_tokens), depth=len(blocks),
     )
-    state.rope = None
-    state.rope_full = None
-    state._prev_size = None
-    if is_eva:
-        block_fwd = {"EvaBlock": _eva_block_forward, "EvaBlockPostNorm": _eva_post_block_forward}
-        attn_fwd = _eva_attention_forward
-    else:
-        block_fwd = {"Block": _block_forward, "ResPostBlock": _res_post_block_forward}
-        attn_fwd = _attention_forward
-    for i, blk in enumerate(blocks):
-        blk._atc_state = state
-        blk._atc_index = i
-        blk.attn._atc_state = state
-        blk.attn._atc_index = i
-        blk.attn._atc_metric = None
-        if method == "dpcknn":
-            dim = blk.norm1.weight.shape[0] if getattr(blk.norm1, "weight", None) is not None else model.embed_dim
-            score = nn.Linear(dim, 1)
-            nn.init.zeros_(score.weight)
-            nn.init.zeros_(score.bias)
-            blk.atc_token_score = score.to(next(model.parameters()).device)
-        swap_class(blk, {"forward": block_fwd[type(blk).__name__]})
-        swap_class(blk.attn, {"forward": attn_fwd})
-    model._atc_state = state
-    model._atc_info = {}
-    model.r = 0
-    swap_class(model, {"forward": _model_forward, "pool": _model_pool})
-    model._atc_patch_module = MODULE_NAME
-    return model
+    patch_blocks(blocks, state, lambda blk: _BLOCK_MEMBERS[type(blk).__name__], score_dim=model.embed_dim)
+    return patch_model(model, state, MODULE_NAME, {"pool": _model_pool})
+
+
+#: Class members of each patched block class: the shared forward with its signature, and the layout constants
+#: it branches on (class attributes, the same for every block of a class: no per-block compile guards).
+_BLOCK_MEMBERS = {
+    "Block": {"forward": _block_forward, "_atc_eva": False, "_atc_post_norm": False},
+    "ResPostBlock": {"forward": _block_forward, "_atc_eva": False, "_atc_post_norm": True},
+    "EvaBlock": {"forward": _eva_block_forward, "_atc_eva": True, "_atc_post_norm": False},
+    "EvaBlockPostNorm": {"forward": _eva_block_forward, "_atc_eva": True, "_atc_post_norm": True},
+}

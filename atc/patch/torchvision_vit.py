@@ -5,28 +5,32 @@
     atc.patch.swag(model, method="atc", linkage="average")
     model.r = 8
 
-The encoder blocks' ``nn.MultiheadAttention`` is evaluated with ``F.scaled_dot_product_attention`` on its own
-in/out projections (identical to torchvision's result at r = 0) so that ``log(size)`` can be added as mask and
-the keys read as merge metric. ATC/ToMe merge after the attention residual; K-Medoids/DPC-KNN reduce the block
-input. The class token is protected.
+In a block that merges (or, with proportional attention, once tokens have been merged), the encoder block's
+``nn.MultiheadAttention`` is evaluated with ``F.scaled_dot_product_attention`` on its own in/out projections
+(torchvision's result up to rounding) so that ``log(size)`` can be added as mask and the keys read as merge
+metric; other blocks run torchvision's own forward. ATC/ToMe merge after the attention residual;
+K-Medoids/DPC-KNN reduce the block input. The class token is protected. The patch's wiring (state, block
+classes, ``model.r``, removal) is :mod:`atc.patch.common`'s, shared with the timm patcher.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from atc.patch.common import PRE_BLOCK_METHODS, MergeState, check_options, remove_patch, swap_class
+from atc.patch.common import BlockStep, MergeState, check_options, patch_blocks, patch_model, remove_patch
 
 __all__ = ["apply_patch", "remove_patch"]
 
 MODULE_NAME = "torchvision_vit"
 
 
-def _attention(block: nn.Module, x: Tensor, state: MergeState) -> tuple[Tensor, Tensor | None]:
-    """``nn.MultiheadAttention(x, x, x)`` via SDPA with proportional attention; returns (output, metric)."""
+def _attention(block: nn.Module, x: Tensor, state: MergeState, step: BlockStep) -> tuple[Tensor, Tensor | None]:
+    """``nn.MultiheadAttention(x, x, x)`` on ``x (B, T, C)`` via SDPA with proportional attention.
+
+    Returns ``(output (B, T, C), metric (B, T, C / heads) or None)``; the metric only when the block merges
+    after attention. For K-Medoids it records on the state the attention each token received.
+    """
     mha: nn.MultiheadAttention = block.self_attention
     b, n, c = x.shape
     heads = mha.num_heads
@@ -34,39 +38,36 @@ def _attention(block: nn.Module, x: Tensor, state: MergeState) -> tuple[Tensor, 
     q, k, v = (t.reshape(b, n, heads, c // heads).transpose(1, 2) for t in (q, k, v))
     bias = state.attention_bias(q.dtype)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=mha.dropout if mha.training else 0.0)
-    if state.wants_attention_at(block._atc_index):
+    if step.attention_received:
         logits = (q @ k.transpose(-2, -1)) * (c // heads) ** -0.5
         if bias is not None:
             logits = logits + bias
         state.attn_received = logits.softmax(-1).mean(1).sum(1).detach()
-    metric = None if state.metric == "x" else {"keys": k, "queries": q, "values": v}[state.metric].mean(1)
+    metric = None
+    if step.in_r and state.metric != "x":
+        metric = {"keys": k, "queries": q, "values": v}[state.metric].mean(1)
     out = out.transpose(1, 2).reshape(b, n, c)
     return mha.out_proj(out), metric
 
 
 def _block_forward(self: nn.Module, input: Tensor) -> Tensor:
+    """The patched ``EncoderBlock`` on ``input (B, T, C)``, returning ``(B, T - r, C)``: reduce the input
+    (K-Medoids, DPC-KNN) or merge after the attention residual (ATC, ToMe); torchvision's forward where none of
+    it applies."""
     state: MergeState = self._atc_state
-    if self._atc_index == 0:
-        state.reset(input.shape[1], input.shape[0], input.device)
-    i = self._atc_index
-    if state.method in PRE_BLOCK_METHODS:
+    index = self._atc_index
+    plan = state.start(input) if index == 0 else state.plan
+    step = plan.steps[index]
+    if step.plain:
+        return self._atc_base.forward(self, input)
+    if step.pre_r:
         weight = self.atc_token_score(input).exp() if state.method == "dpcknn" else None
-        input, _ = state.merge(i, input, input, weight)
-    attn_out, metric = _attention(self, self.ln_1(input), state)
+        input, _ = state.merge(input, input, step.pre_r, weight)
+    attn_out, metric = _attention(self, self.ln_1(input), state, step)
     x = self.dropout(attn_out) + input
-    if state.method not in PRE_BLOCK_METHODS:
-        x, _ = state.merge(i, x, input if metric is None else metric)
+    if step.in_r:
+        x, _ = state.merge(x, input if metric is None else metric, step.in_r)
     return x + self.mlp(self.ln_2(x))
-
-
-def _model_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-    state: MergeState = self._atc_state
-    state.r = self.r
-    out = self._atc_orig_class.forward(self, *args, **kwargs)
-    state.finish()
-    self._atc_info = state.info()
-    return out
-
 
 
 def apply_patch(
@@ -94,18 +95,8 @@ def apply_patch(
             raise ValueError(f"unsupported nn.MultiheadAttention configuration at layer {i}")
     state = MergeState(method=method, linkage=linkage, prop_attn=prop_attn, trace_source=trace_source,
                        backend=backend, metric=metric, protected=1, depth=len(layers))
-    for i, blk in enumerate(layers):
-        blk._atc_state = state
-        blk._atc_index = i
-        if method == "dpcknn":
-            score = nn.Linear(model.hidden_dim, 1).to(blk.ln_1.weight.device)
-            nn.init.zeros_(score.weight)
-            nn.init.zeros_(score.bias)
-            blk.atc_token_score = score
-        swap_class(blk, {"forward": _block_forward})
-    model._atc_state = state
-    model._atc_info = {}
-    model.r = 0
-    swap_class(model, {"forward": _model_forward})
-    model._atc_patch_module = MODULE_NAME
-    return model
+    patch_blocks(layers, state, lambda _blk: _BLOCK_MEMBERS, score_dim=model.hidden_dim)
+    return patch_model(model, state, MODULE_NAME)
+
+
+_BLOCK_MEMBERS = {"forward": _block_forward}
