@@ -26,8 +26,9 @@ from atc import distributed as D
 from atc.data import DATASETS, MULTILABEL_DATASETS
 from atc.engine import build_loaders as engine_build_loaders
 from atc.engine import (LINKAGES, ConfigError, FitConfig, amp_dtype_for, build_classifier, count_parameters,
-                        evaluate, find_resume, fit, load_for_resume, load_pretrained, parse_model_kwargs, run_cli,
-                        validate_reduction)
+                        evaluate, find_resume, fit, is_reduction_model, load_for_resume, load_pretrained,
+                        parse_model_kwargs, run_cli, validate_reduction)
+from atc.tracking import add_wandb_arguments, require_wandb
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -135,8 +136,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--use_amp", action="store_true", help="mixed precision (bf16 on CPU, fp16 on CUDA)")
     g.add_argument("--amp-dtype", default=None, choices=[None, "bfloat16", "float16"], help="autocast dtype")
     g.add_argument("--save_more_than_best", action="store_true", help="also keep checkpoint_epoch{N}.pth")
-    g.add_argument("--wandb_project", default=None, help="log to Weights & Biases (WANDB_MODE is honoured)")
-    g.add_argument("--wandb_group", default=None, help="Weights & Biases group")
+    add_wandb_arguments(g)
     g.add_argument("--world_size", type=int, default=1, help="informational; torchrun sets the real value")
     g.add_argument("--dist_url", default="env://", help="process-group init method")
     g.add_argument("--deterministic", action="store_true", help="deterministic algorithms (exact resume)")
@@ -147,12 +147,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def check_args(args: argparse.Namespace) -> None:
     """Reject bad flag combinations before any model or data is built."""
-    if args.wandb_project:
-        import importlib.util
-
-        if importlib.util.find_spec("wandb") is None:
-            raise ConfigError("--wandb_project needs the wandb package: `.venv/bin/pip install wandb` (or drop "
-                              "--wandb_project; log.csv/log.jsonl are always written).")
+    require_wandb(args.wandb_project)
     if args.dataset not in DATASETS:
         raise ConfigError(f"unknown dataset {args.dataset!r}; choose one of {', '.join(DATASETS)}.")
     validate_reduction(args.reduction_ratio, args.reduction_loc, args.linkage)
@@ -194,6 +189,14 @@ def check_args(args: argparse.Namespace) -> None:
 
 def keep_rate_arg(args: argparse.Namespace) -> Any:
     return args.reduction_ratio[0] if len(args.reduction_ratio) == 1 else list(args.reduction_ratio)
+
+
+def run_description(args: argparse.Namespace) -> dict[str, Any]:
+    """What the run compares, under plain names for the logs and the W&B config: the reduction ``method``
+    (``atc``, ``tome``, ``kmedoids``, ``dpcknn`` or ``none``) and the effective ``keep_rate`` (1.0 without
+    reduction)."""
+    method = args.model.split("_")[0] if is_reduction_model(args.model) else "none"
+    return {"method": method, "keep_rate": keep_rate_arg(args) if method != "none" else 1.0}
 
 
 def make_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
@@ -357,8 +360,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                     clip_grad=args.clip_grad, sched_in_steps=args.sched_in_steps, multilabel=multilabel,
                     distillation=distill, dist_eval=args.dist_eval, save_more_than_best=args.save_more_than_best,
                     freeze_steps=args.backbone_freeze_steps, progress=not args.no_progress,
-                    args={**vars(args), "num_classes": info.num_classes, "script": "train_deit"},
-                    wandb_project=args.wandb_project, wandb_group=args.wandb_group,
+                    args={**vars(args), **run_description(args), "num_classes": info.num_classes,
+                          "script": "train_deit"},
+                    wandb_project=args.wandb_project, wandb_group=args.wandb_group, wandb_name=args.wandb_name,
                     max_steps_per_epoch=args.max_steps_per_epoch)
     if args.output_dir and D.is_main_process():
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)

@@ -25,6 +25,7 @@ from atc import distributed as D
 from atc.data import DATASETS, MULTILABEL_DATASETS
 from atc.engine import (LINKAGES, ConfigError, FitConfig, amp_dtype_for, build_loaders, count_parameters, evaluate,
                         find_resume, fit, load_for_resume, load_pretrained, parse_model_kwargs, run_cli)
+from atc.tracking import add_wandb_arguments, require_wandb
 
 MAE_MODELS = {"vit_base_patch16": "vit_base_patch16_224", "vit_large_patch16": "vit_large_patch16_224",
               "vit_huge_patch14": "vit_huge_patch14_224"}
@@ -89,8 +90,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--use_amp", action="store_true", help="mixed precision (bf16 on CPU, fp16 on CUDA)")
     g.add_argument("--dist_url", default="env://", help="process-group init method")
     g.add_argument("--world_size", type=int, default=1, help="informational; torchrun sets the real value")
-    g.add_argument("--wandb_project", default=None, help="log to Weights & Biases (WANDB_MODE is honoured)")
-    g.add_argument("--wandb_group", default=None, help="Weights & Biases group")
+    add_wandb_arguments(g)
     g.add_argument("--deterministic", action="store_true", help="deterministic algorithms")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
@@ -123,12 +123,7 @@ def build_mae_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    if args.wandb_project:
-        import importlib.util
-
-        if importlib.util.find_spec("wandb") is None:
-            raise ConfigError("--wandb_project needs the wandb package: `.venv/bin/pip install wandb` (or drop "
-                              "--wandb_project; log.csv/log.jsonl are always written).")
+    require_wandb(args.wandb_project)
     if args.dataset not in DATASETS:
         raise ConfigError(f"unknown dataset {args.dataset!r}; choose one of {', '.join(DATASETS)}.")
     if args.merge_fn not in MERGE_FNS:
@@ -211,8 +206,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     cfg = FitConfig(epochs=args.epochs, output_dir=args.output_dir or None, accum_steps=args.accum_iter,
                     clip_grad=args.clip_grad, sched_in_steps=True, multilabel=multilabel, dist_eval=args.dist_eval,
                     eval_before_training=False, progress=not args.no_progress,
-                    args={**vars(args), "num_classes": num_classes, "script": "train_mae"},
-                    wandb_project=args.wandb_project, wandb_group=args.wandb_group)
+                    args={**vars(args), "method": args.merge_fn if args.r_count > 0 else "none",
+                          "num_classes": num_classes, "script": "train_mae"},
+                    wandb_project=args.wandb_project, wandb_group=args.wandb_group, wandb_name=args.wandb_name)
     if args.output_dir and D.is_main_process():
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
         (Path(args.output_dir) / "args.json").write_text(json.dumps(vars(args), indent=2))

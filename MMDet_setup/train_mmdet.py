@@ -28,6 +28,8 @@ EXTRA_KEYS = {"auto_resume", "resume_from", "load_from", "fp16", "amp", "device"
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from mmengine.config import DictAction
 
+    from atc.tracking import add_wandb_arguments
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", help="config file, e.g. MMDet_setup/configs/mask_rcnn/vit-adapter-t-3x.py")
     p.add_argument("--work-dir", "--work_dir", dest="work_dir",
@@ -38,8 +40,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="'pytorch' when started by torchrun (DDP: NCCL on GPU, gloo on CPU)")
     p.add_argument("--cfg-options", nargs="+", action=DictAction, default={},
                    help="override config keys, e.g. model.backbone.linkage=single cumulative_iters=2")
-    p.add_argument("--wandb_project", help="also log to Weights & Biases (offline unless WANDB_MODE says otherwise)")
-    p.add_argument("--wandb_group", help="W&B run group")
+    add_wandb_arguments(p)
     p.add_argument("--local_rank", "--local-rank", type=int, default=0,
                    help="set by old torch.distributed.launch; torchrun uses LOCAL_RANK (ignored)")
     return p.parse_args(argv)
@@ -78,16 +79,18 @@ def main(argv: list[str] | None = None) -> int:
     from atc import distributed as D
     from atc.data.common import DatasetError
     from atc.engine import ConfigError
+    from atc.tracking import require_wandb
 
     try:
         if args.launcher == "pytorch" and "RANK" not in os.environ:
             raise ConfigError("--launcher pytorch needs torchrun (RANK/WORLD_SIZE unset); use --launcher none")
+        require_wandb(args.wandb_project)
         cfg = load_config(args.config, args.cfg_options, args.work_dir)
         from atc.detection.engine import build_model, train
 
         build_model(cfg)  # fail fast on a bad model config (linkage, keep fraction...) before loading data
         res = train(cfg, resume=args.resume or cfg.get("resume_from"), wandb_project=args.wandb_project,
-                    wandb_group=args.wandb_group)
+                    wandb_group=args.wandb_group, wandb_name=args.wandb_name)
         if D.is_main_process() and res:
             print("final: " + " ".join(f"{k}={v:.4f}" for k, v in res.items()))
     except (ConfigError, DatasetError) as exc:

@@ -4,7 +4,7 @@ One loop for every setup: AMP (bf16 on CPU, fp16/bf16 on CUDA), gradient accumul
 EMA updated per optimiser step, timm schedulers stepped per epoch or per optimiser step, distillation,
 multi-label (mAP) or single-label (top-1/top-5) evaluation, atomic checkpoints with every RNG state (a resumed
 deterministic run reproduces an uninterrupted one exactly), automatic resume, per-epoch CSV/JSONL logs and
-optional Weights & Biases logging.
+optional Weights & Biases logging (:mod:`atc.tracking`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -28,6 +28,9 @@ from tqdm import tqdm
 
 from atc import distributed as D
 from atc.utils import atomic_save, atomic_write_text
+
+if TYPE_CHECKING:
+    from atc.tracking import WandbRun
 
 __all__ = [
     "REDUCTION_PREFIXES", "LINKAGES", "ConfigError", "build_classifier", "parse_model_kwargs", "validate_reduction",
@@ -254,7 +257,9 @@ def train_one_epoch(
     dropped so every update averages the same number of samples). ``frozen_params`` get no update during the
     first ``freeze_steps`` optimiser steps (``--backbone_freeze_steps``).
 
-    Returns ``({"train_loss", "lr"}, num_updates)`` with ``num_updates`` the running optimiser-step count.
+    Returns ``({"train_loss", "lr", "train_images_per_s"}, num_updates)`` with ``num_updates`` the running
+    optimiser-step count; the throughput counts the images of all processes over the epoch's wall time (data
+    loading included).
     """
     model.train()
     optimizer.zero_grad(set_to_none=True)
@@ -262,7 +267,8 @@ def train_one_epoch(
     if max_steps is not None and n_batches is not None:
         n_batches = min(n_batches, max_steps)
     usable = (n_batches // accum_steps) * accum_steps if n_batches is not None else None
-    loss_sum, loss_count = torch.zeros((), dtype=torch.float64), 0
+    loss_sum, loss_count, image_count = torch.zeros((), dtype=torch.float64), 0, 0
+    start = time.perf_counter()
     bar = tqdm(total=usable, desc=f"epoch {epoch}", leave=False, disable=not (progress and D.is_main_process()),
                dynamic_ncols=True)
     for i, (images, targets) in enumerate(loader):
@@ -285,6 +291,7 @@ def train_one_epoch(
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
         loss_sum += loss.detach().double().cpu()
         loss_count += 1
+        image_count += images.shape[0]
         if last_micro:
             if num_updates < freeze_steps:
                 _set_requires_grad_none(frozen_params)
@@ -306,9 +313,12 @@ def train_one_epoch(
             bar.update(accum_steps)
             bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
     bar.close()
-    total = D.reduce_sum(torch.stack([loss_sum, torch.tensor(float(loss_count), dtype=torch.float64)]))
+    counts = torch.tensor([float(loss_count), float(image_count)], dtype=torch.float64)
+    total = D.reduce_sum(torch.cat([loss_sum[None], counts]))
     mean_loss = (total[0] / total[1].clamp(min=1)).item()
-    return {"train_loss": mean_loss, "lr": max(g["lr"] for g in optimizer.param_groups)}, num_updates
+    images_per_s = total[2].item() / max(time.perf_counter() - start, 1e-9)
+    return {"train_loss": mean_loss, "lr": max(g["lr"] for g in optimizer.param_groups),
+            "train_images_per_s": images_per_s}, num_updates
 
 
 def mean_average_precision(scores: np.ndarray, targets: np.ndarray) -> float:
@@ -427,33 +437,50 @@ def load_for_resume(path: str | os.PathLike, model: nn.Module, *, optimizer: Any
 
 # -------------------------------------------------------------------------------------------------------- logging
 class EpochLogger:
-    """Per-epoch rows to ``log.csv`` and ``log.jsonl`` in ``output_dir`` (always), and to Weights & Biases
-    when a project is given (imported lazily; honours ``WANDB_MODE=offline|disabled``)."""
+    """Per-epoch rows to ``log.csv`` and ``log.jsonl`` in ``output_dir`` (always), and to Weights & Biases when
+    a project is given (:mod:`atc.tracking`: offline unless ``WANDB_MODE`` says otherwise; a wandb failure is
+    reported once and never stops training).
+
+    ``run_id`` continues that W&B run (the id stored in the checkpoint being resumed). Without it, the id kept in
+    ``output_dir`` is continued when resuming (``start_epoch > 0``) or when no epoch was logged yet (a run
+    killed in its first epoch); otherwise a new W&B run starts.
+    """
 
     def __init__(self, output_dir: str | os.PathLike | None, *, start_epoch: int = 0, wandb_project: str | None = None,
                  wandb_group: str | None = None, config: dict[str, Any] | None = None,
-                 run_name: str | None = None) -> None:
+                 run_name: str | None = None, run_id: str | None = None) -> None:
         self.dir = Path(output_dir) if output_dir else None
         self.rows: list[dict[str, Any]] = []
-        self.wandb = None
+        self.tracker: WandbRun | None = None
         if not D.is_main_process():
             return
+        logged_before = False
         if self.dir is not None and (self.dir / "log.jsonl").is_file():
             # Keep the rows of finished epochs from the run being resumed; a killed epoch is redone.
             for line in (self.dir / "log.jsonl").read_text().splitlines():
                 if line.strip():
                     row = json.loads(line)
+                    logged_before = True
                     if row.get("epoch", -1) < start_epoch:
                         self.rows.append(row)
         if wandb_project:
-            try:
-                import wandb
-            except ImportError as exc:
-                raise ConfigError("--wandb_project needs the wandb package: `.venv/bin/pip install wandb` "
-                                  "(or drop --wandb_project; log.csv/log.jsonl are always written).") from exc
-            self.wandb = wandb.init(project=wandb_project, group=wandb_group, config=config, name=run_name,
-                                    dir=str(self.dir) if self.dir else None,
-                                    mode=os.environ.get("WANDB_MODE", "offline"))
+            from atc.tracking import WandbRun, read_run_id
+
+            if run_id is None and (start_epoch > 0 or not logged_before):
+                run_id = read_run_id(self.dir)
+            name = run_name or (self.dir.resolve().name if self.dir is not None else None)
+            self.tracker = WandbRun(wandb_project, group=wandb_group, name=name, config=config, folder=self.dir,
+                                    run_id=run_id)
+
+    @property
+    def tracking(self) -> bool:
+        """Whether rows also go to a W&B run."""
+        return self.tracker is not None and self.tracker.active
+
+    @property
+    def wandb_run_id(self) -> str | None:
+        """The W&B run's id (stored in checkpoints so that a resumed training continues the run), or None."""
+        return self.tracker.id if self.tracker is not None else None
 
     def log(self, row: dict[str, Any]) -> None:
         if not D.is_main_process():
@@ -464,12 +491,29 @@ class EpochLogger:
 
             atomic_write_text("".join(json.dumps(r) + "\n" for r in self.rows), self.dir / "log.jsonl")
             write_csv(self.rows, self.dir / "log.csv")
-        if self.wandb is not None:
-            self.wandb.log(row, step=row.get("epoch"))
+        if self.tracker is not None:
+            self.tracker.log(row, step=row.get("epoch"))
 
-    def finish(self) -> None:
-        if self.wandb is not None:
-            self.wandb.finish()
+    def summary(self, values: dict[str, Any]) -> None:
+        """Run-summary values of the W&B run (e.g. the best checkpoint's metrics); nothing without one."""
+        if self.tracker is not None:
+            self.tracker.summary(values)
+
+    def update_config(self, values: dict[str, Any]) -> None:
+        """Add values to the W&B run's config; nothing without one."""
+        if self.tracker is not None:
+            self.tracker.update_config(values)
+
+    def finish(self, exit_code: int = 0) -> None:
+        """Close the W&B run, if any (``exit_code`` != 0 marks it failed)."""
+        if self.tracker is not None:
+            self.tracker.finish(exit_code)
+
+    def __enter__(self) -> "EpochLogger":
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        self.finish(exit_code=0 if exc_type is None else 1)
 
 
 # ------------------------------------------------------------------------------------------------------------ fit
@@ -492,11 +536,44 @@ class FitConfig:
     args: dict[str, Any] = field(default_factory=dict)
     wandb_project: str | None = None
     wandb_group: str | None = None
+    wandb_name: str | None = None
     max_steps_per_epoch: int | None = None
 
 
 def _metric(res: dict[str, Any], multilabel: bool) -> float:
     return res["mAP"] if multilabel else res["top1"]
+
+
+def _best_summary(best: dict[str, Any]) -> dict[str, Any]:
+    """The best checkpoint for the W&B run summary: ``best/epoch``, ``best/ema``, ``best/metric`` and its
+    evaluation (``best/top1``, ``best/top5``, ``best/loss`` or ``best/mAP``...)."""
+    out = {"best/epoch": best["epoch"], "best/ema": best["ema_best"], "best/metric": best["metric"]}
+    out.update({f"best/{k}": v for k, v in best.get("metrics", {}).items()})
+    return out
+
+
+def _model_profile(model: nn.Module, dataset: Any, device: torch.device) -> dict[str, Any]:
+    """Token count after every block and GFLOPs per image of ``model``, from one image of ``dataset`` (for the
+    W&B run config). Empty where they cannot be measured; the RNG state is left as it was, so a resumed
+    deterministic run is unaffected."""
+    out: dict[str, Any] = {}
+    try:
+        from atc.benchmark import count_flops
+
+        image = dataset[0][0].unsqueeze(0).to(device)
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                out["gflops_per_image"] = count_flops(model, image) / 1e9
+        finally:
+            model.train(was_training)
+        tokens = (getattr(model, "_atc_info", None) or {}).get("tokens")
+        if tokens:
+            out["tokens_per_block"] = [int(t) for t in tokens]
+    except Exception:  # noqa: BLE001 - optional information; the run goes on without it
+        pass
+    return out
 
 
 def fit(cfg: FitConfig, model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, criterion: Callable,
@@ -507,17 +584,21 @@ def fit(cfg: FitConfig, model: nn.Module, train_loader: DataLoader, val_loader: 
     """Train for ``cfg.epochs`` epochs with evaluation and checkpoints after each; resume from ``resume_from``.
 
     Every epoch writes ``output_dir/checkpoint.pth`` (model, model_ema, optimizer, lr_scheduler, scaler, epoch,
-    num_updates, best, args, rng) atomically, a log row, and ``best_checkpoint.pth`` when the model or its EMA
-    beats the best so far (``ema_best`` says which). Returns the last log row.
+    num_updates, best, args, rng, wandb_run_id) atomically, a log row, and ``best_checkpoint.pth`` when the model
+    or its EMA beats the best so far (``ema_best`` says which). With ``cfg.wandb_project`` the rows also go to a
+    W&B run (:class:`EpochLogger`), whose summary holds the best checkpoint's metrics and whose config the
+    arguments, parameter count, token counts per block and GFLOPs per image. Returns the last log row.
     """
     start_epoch, num_updates = 0, 0
-    best = {"metric": -math.inf, "epoch": -1, "ema_best": False}
+    best: dict[str, Any] = {"metric": -math.inf, "epoch": -1, "ema_best": False, "metrics": {}}
     out = Path(cfg.output_dir) if cfg.output_dir else None
+    wandb_run_id = None
     if resume_from is not None:
         ckpt = load_for_resume(resume_from, model, optimizer=optimizer, model_ema=model_ema, scaler=scaler,
                                lr_scheduler=lr_scheduler)
         start_epoch, num_updates = int(ckpt["epoch"]) + 1, int(ckpt.get("num_updates", 0))
         best = ckpt.get("best", best)
+        wandb_run_id = ckpt.get("wandb_run_id")
         if "rng" in ckpt:
             set_rng_state(ckpt["rng"])
         if lr_scheduler is not None:
@@ -527,57 +608,65 @@ def fit(cfg: FitConfig, model: nn.Module, train_loader: DataLoader, val_loader: 
             else:
                 lr_scheduler.step(start_epoch)
         log(f"resumed from {resume_from}: continuing at epoch {start_epoch} (update {num_updates})")
-    logger = EpochLogger(out, start_epoch=start_epoch, wandb_project=cfg.wandb_project, wandb_group=cfg.wandb_group,
-                         config=cfg.args)
-    eval_kw = dict(multilabel=cfg.multilabel, amp_dtype=amp_dtype, gather=cfg.dist_eval, progress=cfg.progress)
-    if cfg.eval_before_training and start_epoch == 0 and cfg.epochs > 0:
-        res = evaluate(model, val_loader, device, desc="eval (before training)", **eval_kw)
-        log(f"before training: {_fmt(res, cfg.multilabel)}")
-    row: dict[str, Any] = {}
-    sampler = getattr(train_loader, "sampler", None)
-    for epoch in range(start_epoch, cfg.epochs):
-        t0 = time.time()
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(epoch)
-        train_stats, num_updates = train_one_epoch(
-            model, train_loader, criterion, optimizer, device, epoch, amp_dtype=amp_dtype, scaler=scaler,
-            accum_steps=cfg.accum_steps, clip_grad=cfg.clip_grad, mixup_fn=mixup_fn, model_ema=model_ema,
-            lr_scheduler=lr_scheduler, sched_in_steps=cfg.sched_in_steps, num_updates=num_updates,
-            frozen_params=frozen_params, freeze_steps=cfg.freeze_steps, distillation=cfg.distillation,
-            progress=cfg.progress, max_steps=cfg.max_steps_per_epoch)
-        if lr_scheduler is not None and not cfg.sched_in_steps:
-            lr_scheduler.step(epoch + 1)
-        res = evaluate(model, val_loader, device, desc=f"eval epoch {epoch}", **eval_kw)
-        row = {"epoch": epoch, **train_stats, **{f"val_{k}": v for k, v in res.items()}, "num_updates": num_updates}
-        candidates = [(_metric(res, cfg.multilabel), False)]
-        if model_ema is not None:
-            res_ema = evaluate(model_ema.module, val_loader, device, desc=f"eval EMA epoch {epoch}", **eval_kw)
-            row.update({f"ema_{k}": v for k, v in res_ema.items()})
-            candidates.append((_metric(res_ema, cfg.multilabel), True))
-        metric, is_ema = max(candidates, key=lambda c: c[0])
-        improved = metric > best["metric"]
-        if improved:
-            best = {"metric": metric, "epoch": epoch, "ema_best": is_ema}
-        row.update(best_metric=best["metric"], best_epoch=best["epoch"], epoch_time=time.time() - t0)
-        if out is not None:
-            ema_state = model_ema.module.state_dict() if model_ema is not None else None
-            state = dict(model=unwrap(model).state_dict(), model_ema=ema_state, optimizer=optimizer.state_dict(),
-                         lr_scheduler=lr_scheduler.state_dict() if lr_scheduler is not None else None,
-                         scaler=scaler.state_dict() if scaler is not None else None, epoch=epoch,
-                         num_updates=num_updates, best=best, args=cfg.args, rng=rng_state())
+    config = {**cfg.args, "num_params": count_parameters(model), "world_size": D.get_world_size()}
+    with EpochLogger(out, start_epoch=start_epoch, wandb_project=cfg.wandb_project, wandb_group=cfg.wandb_group,
+                     run_name=cfg.wandb_name, run_id=wandb_run_id, config=config) as logger:
+        if logger.tracking:
+            logger.update_config(_model_profile(unwrap(model), getattr(val_loader, "dataset", None), device))
+            if best["epoch"] >= 0:  # a resumed run: its summary starts from the best so far
+                logger.summary(_best_summary(best))
+        eval_kw = dict(multilabel=cfg.multilabel, amp_dtype=amp_dtype, gather=cfg.dist_eval, progress=cfg.progress)
+        if cfg.eval_before_training and start_epoch == 0 and cfg.epochs > 0:
+            res = evaluate(model, val_loader, device, desc="eval (before training)", **eval_kw)
+            log(f"before training: {_fmt(res, cfg.multilabel)}")
+        row: dict[str, Any] = {}
+        sampler = getattr(train_loader, "sampler", None)
+        for epoch in range(start_epoch, cfg.epochs):
+            t0 = time.time()
+            if hasattr(sampler, "set_epoch"):
+                sampler.set_epoch(epoch)
+            train_stats, num_updates = train_one_epoch(
+                model, train_loader, criterion, optimizer, device, epoch, amp_dtype=amp_dtype, scaler=scaler,
+                accum_steps=cfg.accum_steps, clip_grad=cfg.clip_grad, mixup_fn=mixup_fn, model_ema=model_ema,
+                lr_scheduler=lr_scheduler, sched_in_steps=cfg.sched_in_steps, num_updates=num_updates,
+                frozen_params=frozen_params, freeze_steps=cfg.freeze_steps, distillation=cfg.distillation,
+                progress=cfg.progress, max_steps=cfg.max_steps_per_epoch)
+            if lr_scheduler is not None and not cfg.sched_in_steps:
+                lr_scheduler.step(epoch + 1)
+            res = evaluate(model, val_loader, device, desc=f"eval epoch {epoch}", **eval_kw)
+            row = {"epoch": epoch, **train_stats, **{f"val_{k}": v for k, v in res.items()}, "num_updates": num_updates}
+            candidates = [(_metric(res, cfg.multilabel), False, res)]
+            if model_ema is not None:
+                res_ema = evaluate(model_ema.module, val_loader, device, desc=f"eval EMA epoch {epoch}", **eval_kw)
+                row.update({f"ema_{k}": v for k, v in res_ema.items()})
+                candidates.append((_metric(res_ema, cfg.multilabel), True, res_ema))
+            metric, is_ema, best_res = max(candidates, key=lambda c: c[0])
+            improved = metric > best["metric"]
             if improved:
-                save_checkpoint(out / "best_checkpoint.pth", model=ema_state if is_ema else state["model"],
-                                ema_best=is_ema, epoch=epoch, metric=metric, args=cfg.args)
-            if cfg.save_more_than_best:
-                save_checkpoint(out / f"checkpoint_epoch{epoch}.pth", **state)
-            # Written last: a crash before this line redoes the epoch; the previous file stays valid.
-            save_checkpoint(out / "checkpoint.pth", **state)
-        logger.log(row)
-        log(f"epoch {epoch}: train_loss {train_stats['train_loss']:.4f} lr {train_stats['lr']:.2e} | "
-            f"{_fmt(res, cfg.multilabel)}" + (f" | EMA {_fmt(res_ema, cfg.multilabel)}" if model_ema else "")
-            + f" | best {best['metric']:.2f} (epoch {best['epoch']}{', EMA' if best['ema_best'] else ''})")
-        D.barrier()
-    logger.finish()
+                best = {"metric": metric, "epoch": epoch, "ema_best": is_ema,
+                        "metrics": {k: v for k, v in best_res.items() if k != "n"}}
+            row.update(best_metric=best["metric"], best_epoch=best["epoch"], epoch_time=time.time() - t0)
+            if out is not None:
+                ema_state = model_ema.module.state_dict() if model_ema is not None else None
+                state = dict(model=unwrap(model).state_dict(), model_ema=ema_state, optimizer=optimizer.state_dict(),
+                             lr_scheduler=lr_scheduler.state_dict() if lr_scheduler is not None else None,
+                             scaler=scaler.state_dict() if scaler is not None else None, epoch=epoch,
+                             num_updates=num_updates, best=best, args=cfg.args, rng=rng_state(),
+                             wandb_run_id=logger.wandb_run_id)
+                if improved:
+                    save_checkpoint(out / "best_checkpoint.pth", model=ema_state if is_ema else state["model"],
+                                    ema_best=is_ema, epoch=epoch, metric=metric, args=cfg.args)
+                if cfg.save_more_than_best:
+                    save_checkpoint(out / f"checkpoint_epoch{epoch}.pth", **state)
+                # Written last: a crash before this line redoes the epoch; the previous file stays valid.
+                save_checkpoint(out / "checkpoint.pth", **state)
+            logger.log(row)
+            if improved:
+                logger.summary(_best_summary(best))
+            log(f"epoch {epoch}: train_loss {train_stats['train_loss']:.4f} lr {train_stats['lr']:.2e} | "
+                f"{_fmt(res, cfg.multilabel)}" + (f" | EMA {_fmt(res_ema, cfg.multilabel)}" if model_ema else "")
+                + f" | best {best['metric']:.2f} (epoch {best['epoch']}{', EMA' if best['ema_best'] else ''})")
+            D.barrier()
     return row
 
 

@@ -27,7 +27,7 @@ from atc.engine import ConfigError, EpochLogger, amp_dtype_for, autocast, save_c
 from atc.utils import seed_everything
 
 __all__ = ["build_dataset", "build_model", "build_optimizer", "evaluate", "train", "load_weights",
-           "load_checkpoint_model"]
+           "load_checkpoint_model", "run_description"]
 
 
 def _resolve(root: str, path: str) -> str:
@@ -215,12 +215,31 @@ def _prune_checkpoints(work: Path, keep: int) -> None:
         old.unlink(missing_ok=True)
 
 
+def run_description(cfg: Any) -> dict[str, Any]:
+    """What a detection run compares, under the names train_deit.py logs (for the W&B config, next to the full
+    config): ``backbone`` (its type), ``method`` (``atc``, ``tome``, ``svit`` or ``none``), ``linkage``,
+    ``keep_rate``, ``reduction_loc``, ``proportional_attn``, ``seed``."""
+    backbone = dict(_plain(cfg.model).get("backbone") or {})
+    kind = backbone.get("type", "ViTAdapter")
+    keep = backbone.get("reduction_ratio")
+    if kind == "SViTAdapter":
+        method, keep = "svit", backbone.get("keep_ratio")
+    elif keep is None:
+        method = "none"
+    else:
+        method = "tome" if backbone.get("linkage") == "tome" else "atc"
+    return {"backbone": kind, "method": method, "linkage": backbone.get("linkage"),
+            "keep_rate": 1.0 if keep is None else keep, "reduction_loc": backbone.get("reduction_loc"),
+            "proportional_attn": backbone.get("proportional_attn"), "seed": int(cfg.get("seed", 0))}
+
+
 def train(cfg: Any, *, resume: str | None = None, wandb_project: str | None = None,
-          wandb_group: str | None = None) -> dict[str, float]:
+          wandb_group: str | None = None, wandb_name: str | None = None) -> dict[str, float]:
     """Train ``cfg.runner.max_epochs`` epochs with gradient accumulation (``cumulative_iters``) and AMP,
     evaluating every ``evaluation.interval`` epochs; atomic checkpoints ``latest.pth``/``epoch_N.pth`` in
     ``cfg.work_dir``. Resumes from ``resume`` or, when ``auto_resume`` (default), ``work_dir/latest.pth``.
-    Returns the last evaluation."""
+    With ``wandb_project``, the epochs also go to a W&B run (:class:`atc.engine.EpochLogger`; a resumed training
+    continues its run). Returns the last evaluation."""
     device = D.init_distributed(str(cfg.get("device", "auto")))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     if device.type == "cpu" and D.is_dist() and local_world > 1:  # share the cores instead of oversubscribing
@@ -242,7 +261,7 @@ def train(cfg: Any, *, resume: str | None = None, wandb_project: str | None = No
     model.to(device)
     optimizer = build_optimizer(model, _plain(cfg.optimizer))
     amp_dtype, scaler = _amp(cfg, device)
-    start_epoch, res = 0, {}
+    start_epoch, res, wandb_run_id = 0, {}, None
     if ckpt_path is not None:
         ck = load_checkpoint_model(model, ckpt_path, "resume checkpoint")
         try:
@@ -253,6 +272,7 @@ def train(cfg: Any, *, resume: str | None = None, wandb_project: str | None = No
         if scaler is not None and ck.get("scaler"):
             scaler.load_state_dict(ck["scaler"])
         start_epoch, res = int(ck["epoch"]), dict(ck.get("metrics") or {})
+        wandb_run_id = ck.get("wandb_run_id")
         if D.is_main_process():
             print(f"resumed from {ckpt_path} (epoch {start_epoch})")
     max_epochs = int(cfg.runner.max_epochs)
@@ -272,61 +292,62 @@ def train(cfg: Any, *, resume: str | None = None, wandb_project: str | None = No
     ckpt_cfg = _plain(cfg.get("checkpoint_config") or {})
     eval_cfg = _plain(cfg.get("evaluation") or {})
     interval, metrics = int(eval_cfg.get("interval", 1)), tuple(eval_cfg.get("metric", ("bbox", "segm")))
-    logger = EpochLogger(work, start_epoch=start_epoch, wandb_project=wandb_project, wandb_group=wandb_group,
-                         config=_plain(cfg))
-    it = start_epoch * len(loader)
-    for epoch in range(start_epoch, max_epochs):
-        sampler.set_epoch(epoch)
-        ddp.train()
-        total, n = 0.0, 0
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{max_epochs}", disable=not D.is_main_process())
-        optimizer.zero_grad(set_to_none=True)
-        for step, (images, targets) in enumerate(bar):
-            for g in optimizer.param_groups:
-                g["lr"] = g["initial_lr"] * lr_factor(lr_cfg, epoch, it)
-            images = [im.to(device) for im in images]
-            targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
-            update = (step + 1) % accum == 0 or step + 1 == len(loader)
-            # Under DDP, only the micro-batch that ends an accumulation round synchronises gradients.
-            sync = contextlib.nullcontext() if update or not D.is_dist() else ddp.no_sync()
-            with sync:
-                with autocast(device, amp_dtype):
-                    losses = ddp(images, targets)
-                loss = sum(losses.values())
-                if not torch.isfinite(loss):
-                    raise RuntimeError(f"non-finite loss {loss.item()} at epoch {epoch + 1} step {step}: lower "
-                                       f"optimizer.lr or set optimizer_config.grad_clip")
-                (scaler.scale(loss / accum) if scaler else loss / accum).backward()
-            if update:
-                if scaler:
-                    scaler.unscale_(optimizer)
-                if grad_clip:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), float(dict(grad_clip).get("max_norm", 35)))
-                if scaler:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            it += 1
-            total, n = total + loss.item(), n + 1
-            bar.set_postfix(loss=f"{total / n:.3f}")
-        row: dict[str, Any] = {"epoch": epoch, "train_loss": total / max(n, 1),
-                               "lr": max(g["lr"] for g in optimizer.param_groups)}
-        if (epoch + 1) % interval == 0 or epoch + 1 == max_epochs:
-            res = evaluate(model, val_set, device, metrics=metrics, amp_dtype=amp_dtype)
-            row.update(res)
-            if D.is_main_process():
-                print(f"epoch {epoch + 1}: " + " ".join(f"{k}={v:.4f}" for k, v in res.items()
-                                                       if k.endswith(("mAP", "_50"))))
-        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
-                 "scaler": scaler.state_dict() if scaler else None, "metrics": res,
-                 "config": cfg.pretty_text if hasattr(cfg, "pretty_text") else None}
-        save_checkpoint(work / "latest.pth", **state)
-        if (epoch + 1) % int(ckpt_cfg.get("interval", 1)) == 0:
-            save_checkpoint(work / f"epoch_{epoch + 1}.pth", **state)
-            _prune_checkpoints(work, int(ckpt_cfg.get("max_keep_ckpts", -1)))
-        logger.log(row)
-        D.barrier()
-    logger.finish()
+    config = {**_plain(cfg), **run_description(cfg), "world_size": D.get_world_size()}
+    with EpochLogger(work, start_epoch=start_epoch, wandb_project=wandb_project, wandb_group=wandb_group,
+                     run_name=wandb_name, run_id=wandb_run_id, config=config) as logger:
+        it = start_epoch * len(loader)
+        for epoch in range(start_epoch, max_epochs):
+            sampler.set_epoch(epoch)
+            ddp.train()
+            total, n = 0.0, 0
+            bar = tqdm(loader, desc=f"epoch {epoch + 1}/{max_epochs}", disable=not D.is_main_process())
+            optimizer.zero_grad(set_to_none=True)
+            for step, (images, targets) in enumerate(bar):
+                for g in optimizer.param_groups:
+                    g["lr"] = g["initial_lr"] * lr_factor(lr_cfg, epoch, it)
+                images = [im.to(device) for im in images]
+                targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
+                update = (step + 1) % accum == 0 or step + 1 == len(loader)
+                # Under DDP, only the micro-batch that ends an accumulation round synchronises gradients.
+                sync = contextlib.nullcontext() if update or not D.is_dist() else ddp.no_sync()
+                with sync:
+                    with autocast(device, amp_dtype):
+                        losses = ddp(images, targets)
+                    loss = sum(losses.values())
+                    if not torch.isfinite(loss):
+                        raise RuntimeError(f"non-finite loss {loss.item()} at epoch {epoch + 1} step {step}: lower "
+                                           f"optimizer.lr or set optimizer_config.grad_clip")
+                    (scaler.scale(loss / accum) if scaler else loss / accum).backward()
+                if update:
+                    if scaler:
+                        scaler.unscale_(optimizer)
+                    if grad_clip:
+                        torch.nn.utils.clip_grad_norm_(model.parameters(), float(dict(grad_clip).get("max_norm", 35)))
+                    if scaler:
+                        scaler.step(optimizer)
+                        scaler.update()
+                    else:
+                        optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                it += 1
+                total, n = total + loss.item(), n + 1
+                bar.set_postfix(loss=f"{total / n:.3f}")
+            row: dict[str, Any] = {"epoch": epoch, "train_loss": total / max(n, 1),
+                                   "lr": max(g["lr"] for g in optimizer.param_groups)}
+            if (epoch + 1) % interval == 0 or epoch + 1 == max_epochs:
+                res = evaluate(model, val_set, device, metrics=metrics, amp_dtype=amp_dtype)
+                row.update(res)
+                if D.is_main_process():
+                    print(f"epoch {epoch + 1}: " + " ".join(f"{k}={v:.4f}" for k, v in res.items()
+                                                           if k.endswith(("mAP", "_50"))))
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
+                     "scaler": scaler.state_dict() if scaler else None, "metrics": res,
+                     "config": cfg.pretty_text if hasattr(cfg, "pretty_text") else None,
+                     "wandb_run_id": logger.wandb_run_id}
+            save_checkpoint(work / "latest.pth", **state)
+            if (epoch + 1) % int(ckpt_cfg.get("interval", 1)) == 0:
+                save_checkpoint(work / f"epoch_{epoch + 1}.pth", **state)
+                _prune_checkpoints(work, int(ckpt_cfg.get("max_keep_ckpts", -1)))
+            logger.log(row)
+            D.barrier()
     return res
