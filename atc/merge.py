@@ -3,8 +3,10 @@
 Every method (ATC, ToMe's bipartite soft matching, K-Medoids, DPC-KNN) returns a :class:`Merge`: for each of
 the ``T`` input tokens, the output slot it goes to (``labels (B, T)``, values in ``[0, num_out)``). Protected
 prefix tokens (CLS, distillation, register tokens) are the first ``protected_tokens`` tokens; they keep slots
-``0..p-1`` and are never merged. Other output slots are numbered by the smallest input token they hold, so
-merged tokens keep spatial order.
+``0..p-1`` and are never merged. The order of the other output slots is each method's published layout by
+default (``layout="published"``: ToMe's ``[unmerged sources, destinations]``, K-Medoids' and DPC-KNN's cluster
+order) or spatial (``layout="spatial"``: numbered by the smallest input token they hold); ATC's slots are always
+spatial. Only ToMe's later merges depend on the layout (its source/destination split is by position).
 
 With a :class:`Merge` you can
 
@@ -25,7 +27,6 @@ mask): merging traces under ``torch.compile`` without graph breaks, and ATC's cl
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -45,6 +46,7 @@ __all__ = [
     "kmedoids",
     "dpc_knn",
     "identity_merge",
+    "LAYOUTS",
     "proportional_attention_bias",
     "source_matrix",
     "init_token_map",
@@ -60,6 +62,12 @@ class Merge:
         num_out: number of output tokens.
         select: optional ``(B, num_out)`` long, for selection methods (K-Medoids): the input token whose
             vector represents each slot. ``None`` means slots are (weighted) means of their tokens.
+        weight_by_size: whether :meth:`merge_with_size` weights tokens by their sizes (ATC, ToMe). DPC-KNN
+            averages with its token weights alone, as TCFormer and the published models do (sizes are still
+            summed, for proportional attention and pooling).
+        eps: added to each slot's total weight in :meth:`merge` (DPC-KNN's ``1e-6``).
+        passthrough: the first ``passthrough`` tokens, which are their own slots, are copied unchanged by
+            :meth:`merge` (DPC-KNN's protected tokens, as published), not divided by their weights.
 
     ``num_out`` is a Python int fixed by the method's ``r``, never read from a tensor, so merging has static
     shapes and needs no host synchronisation (``torch.compile`` traces it without graph breaks).
@@ -68,6 +76,9 @@ class Merge:
     labels: Tensor
     num_out: int
     select: Tensor | None = None
+    weight_by_size: bool = True
+    eps: float = 0.0
+    passthrough: int = 0
 
     def _scatter_sum(self, x: Tensor) -> Tensor:
         """``(B, T, C) -> (B, num_out, C)``: sum of each slot's tokens."""
@@ -80,7 +91,8 @@ class Merge:
         return out.view(bsz, self.num_out, c)
 
     def merge(self, x: Tensor, weight: Tensor | None = None) -> Tensor:
-        """``(B, T, C) -> (B, num_out, C)``: mean of each slot's tokens weighted by ``weight (B, T, 1)``."""
+        """``(B, T, C) -> (B, num_out, C)``: mean of each slot's tokens weighted by ``weight (B, T, 1)``
+        (``sum(x * w) / (sum(w) + eps)``)."""
         if self.select is not None:
             return x.gather(1, self.select.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
         c = x.shape[-1]
@@ -91,7 +103,10 @@ class Merge:
             weight = weight.to(x.dtype)
             # numerator and denominator in one scatter: [x * w, w] summed per slot
             sums = self._scatter_sum(torch.cat([x * weight, weight], dim=-1))
-        return sums[..., :c] / sums[..., c:]
+        out = sums[..., :c] / (sums[..., c:] + self.eps if self.eps else sums[..., c:])
+        if self.passthrough:
+            out = torch.cat([x[:, : self.passthrough], out[:, self.passthrough:]], dim=1)
+        return out
 
     def merge_size(self, size: Tensor) -> Tensor:
         """``(B, T, 1) -> (B, num_out, 1)``: sizes add up."""
@@ -113,12 +128,16 @@ class Merge:
             values of ``merge(x, size * weight)`` and ``merge_size(size)``, computed with one scatter.
         """
         c = x.shape[-1]
+        if not self.weight_by_size:
+            if size is None:
+                size = x.new_ones(x.shape[0], x.shape[1], 1)
+            return self.merge(x, weight), self.merge_size(size)
         if size is None:
             size = x.new_ones(x.shape[0], x.shape[1], 1)
-            if weight is None and self.select is None:  # unit sizes: plain means and member counts
+            if weight is None and self.select is None and not self.eps:  # unit sizes: plain means and member counts
                 sums = self._scatter_sum(torch.cat([x, size], dim=-1))
                 return sums[..., :c] / sums[..., c:], sums[..., c:]
-        if self.select is not None or size.dtype != x.dtype:
+        if self.select is not None or size.dtype != x.dtype or self.eps:
             w = size if weight is None else size * weight
             return self.merge(x, w), self.merge_size(size)
         if weight is None:
@@ -209,20 +228,6 @@ def identity_merge(batch_size: int, num_tokens: int, device: torch.device | str 
     return Merge(init_token_map(batch_size, num_tokens, device), num_tokens)
 
 
-def _nearest_centre(dist: Tensor, centres: Tensor, own_cluster: bool = False) -> Tensor:
-    """Index (into ``centres (B, K)``) of the nearest centre of every token, from distances ``(B, n, n)``.
-
-    With ``own_cluster`` each centre is forced into its own cluster (even if it coincides with another
-    centre), so every cluster is non-empty.
-    """
-    n = dist.shape[-1]
-    assign = dist.gather(1, centres.unsqueeze(-1).expand(-1, -1, n)).argmin(dim=1)
-    if own_cluster:
-        k = centres.shape[1]
-        assign.scatter_(1, centres, torch.arange(k, device=dist.device).expand(centres.shape[0], k))
-    return assign
-
-
 def _normalize(metric: Tensor) -> Tensor:
     return F.normalize(metric, dim=-1, eps=1e-12)
 
@@ -242,35 +247,51 @@ def atc_merge(
     return Merge(_with_prefix(labels, protected_tokens), t - r)
 
 
+#: Token layouts after a merge: ``"published"`` (each method's published output order) or ``"spatial"``
+#: (slots numbered by the smallest input token they hold). Only ToMe's later merges depend on it (its A/B split
+#: is by position); ATC is order-independent and always spatial.
+LAYOUTS = ("published", "spatial")
+
+
+def _check_layout(layout: str) -> None:
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown token layout {layout!r}: choose one of {LAYOUTS}")
+
+
 def bipartite_soft_matching(
-    metric: Tensor, r: int, protected_tokens: int = 1, *, dst_mask: Tensor | None = None, **_: object
+    metric: Tensor,
+    r: int,
+    protected_tokens: int = 1,
+    *,
+    dst_mask: Tensor | None = None,
+    layout: str = "published",
+    sort_unmerged: bool | None = None,
+    **_: object,
 ) -> Merge:
     """ToMe's bipartite soft matching (Bolya et al. 2023).
 
     Tokens at odd positions form the destination set B, those at even positions the source set A (as in
-    ToMe, where the CLS token at position 0 is in A). ``dst_mask (T,)`` bool overrides the split (the
-    Stable Diffusion variant picks one destination per sx×sy cell). Protected tokens are never merged. The
-    ``r`` source tokens whose best cosine match is highest merge into that destination.
+    ToMe, where the CLS token at position 0 is in A). Protected tokens are never merged. The ``r`` source tokens
+    whose best cosine match is highest (stable order on ties) merge into that destination.
+
+    ``layout="published"`` (default) lays the output out as ToMe does: ``[protected tokens, the unmerged A
+    tokens, every B token in index order]``, the unmerged A tokens in index order when ``sort_unmerged`` (default:
+    when there are protected tokens, i.e. a class token), otherwise in descending order of their best-match
+    score (ToMe without a class token: average-pooled ViTs, the detection backbone). The next merge splits A/B
+    by position in this order, so the layout decides which pairs merge later. ``layout="spatial"`` numbers the
+    slots by their smallest input token instead (spatial order kept).
+
+    ``dst_mask (T,)`` bool overrides the split (the Stable Diffusion variant picks one destination per sx×sy
+    cell; its output is unmerged inside the same block, so it always uses the spatial layout).
     """
+    _check_layout(layout)
     bsz, t, _c = metric.shape
     p = protected_tokens
     pos = torch.arange(t, device=metric.device)
-    # Every token starts in its own slot; merged sources take their destination's position as label.
-    labels = pos.repeat(bsz, 1)
-    if dst_mask is None:
-        # ToMe's alternating split as strided views of the tokens: static shapes, no index tensors, and it can
-        # halve the free tokens at most
-        src_start, dst_start = p + p % 2, p + 1 - p % 2
-        num_src, num_dst = len(range(src_start, t, 2)), len(range(dst_start, t, 2))
-        r = _check_r(r, t, p, min(num_src, num_dst), "bipartite soft matching")
-        if r == 0:
-            return identity_merge(bsz, t, metric.device)
-        m = _normalize(metric)
-        src, dst = _best_matches(m[:, src_start::2] @ m[:, dst_start::2].transpose(1, 2), r)
-        labels[:, src_start::2].scatter_(1, src, pos[dst_start::2][dst])
-    else:
+    if dst_mask is not None:
         # explicit destinations (ToMe-SD): every source token may merge; the index sets depend on the mask's
         # values, so this path reads them on the host
+        labels = pos.repeat(bsz, 1)
         dst_mask = dst_mask.to(metric.device) & (pos >= p)
         src_mask = ~dst_mask & (pos >= p)
         src_idx, dst_idx = src_mask.nonzero().squeeze(1), dst_mask.nonzero().squeeze(1)
@@ -278,20 +299,55 @@ def bipartite_soft_matching(
         if r == 0:
             return identity_merge(bsz, t, metric.device)
         m = _normalize(metric)
-        src, dst = _best_matches(m[:, src_idx] @ m[:, dst_idx].transpose(1, 2), r)
-        labels.scatter_(1, src_idx[src], dst_idx[dst])
-    return Merge(_relabel_by_first_token(labels, t), t - r)
+        order, node_idx = _best_matches(m[:, src_idx] @ m[:, dst_idx].transpose(1, 2))
+        src = order[:, :r]
+        labels.scatter_(1, src_idx[src], dst_idx[node_idx.gather(1, src)])
+        return Merge(_relabel_by_first_token(labels, t), t - r)
+
+    # ToMe's alternating split as strided views of the tokens: static shapes, no index tensors, and it can
+    # halve the free tokens at most
+    src_start, dst_start = p + p % 2, p + 1 - p % 2
+    num_src, num_dst = len(range(src_start, t, 2)), len(range(dst_start, t, 2))
+    r = _check_r(r, t, p, min(num_src, num_dst), "bipartite soft matching")
+    if r == 0:
+        return identity_merge(bsz, t, metric.device)
+    m = _normalize(metric)
+    order, node_idx = _best_matches(m[:, src_start::2] @ m[:, dst_start::2].transpose(1, 2))
+    src, unm = order[:, :r], order[:, r:]
+    if layout == "spatial":
+        labels = pos.repeat(bsz, 1)
+        labels[:, src_start::2].scatter_(1, src, pos[dst_start::2][node_idx.gather(1, src)])
+        return Merge(_relabel_by_first_token(labels, t), t - r)
+    if sort_unmerged is None:
+        sort_unmerged = p > 0
+    if sort_unmerged:
+        unm = unm.sort(dim=1).values
+    num_unm = num_src - r
+    # slots: [protected 0..p-1 | unmerged A p..p+num_unm-1 | B in index order]
+    src_slots = torch.empty_like(order)
+    src_slots.scatter_(1, unm, torch.arange(p, p + num_unm, device=metric.device).expand(bsz, num_unm))
+    src_slots.scatter_(1, src, p + num_unm + node_idx.gather(1, src))
+    labels = torch.empty(bsz, t, dtype=torch.long, device=metric.device)
+    labels[:, :p] = pos[:p]
+    labels[:, src_start::2] = src_slots
+    labels[:, dst_start::2] = torch.arange(p + num_unm, t - r, device=metric.device)
+    return Merge(labels, t - r)
 
 
-def _best_matches(scores: Tensor, r: int) -> tuple[Tensor, Tensor]:
-    """From source-destination similarities ``(B, S, D)``: the ``r`` sources with the highest best match.
+def _best_matches(scores: Tensor) -> tuple[Tensor, Tensor]:
+    """From source-destination similarities ``(B, S, D)``: ``(order, node_idx)``, both ``(B, S)``.
 
-    Returns ``(src, dst)``, both ``(B, r)``: indices into the source and destination sets; equal scores keep
-    source order (stable sort), as ToMe.
+    ``order`` ranks the sources by their best match, highest first (equal scores keep source order: a stable
+    sort); ``node_idx`` is each source's best destination. The first ``r`` of ``order`` merge.
     """
     node_max, node_idx = scores.max(dim=-1)
-    merged_src = node_max.argsort(dim=-1, descending=True, stable=True)[:, :r]
-    return merged_src, node_idx.gather(1, merged_src)
+    return node_max.argsort(dim=-1, descending=True, stable=True), node_idx
+
+
+def _own_cluster(assign: Tensor, centres: Tensor) -> Tensor:
+    """Put every centre ``centres (B, K)`` (token indices) into its own cluster ``0..K-1`` of ``assign (B, n)``."""
+    k = centres.shape[1]
+    return assign.scatter(1, centres, torch.arange(k, device=assign.device).expand(centres.shape[0], k))
 
 
 def kmedoids(
@@ -301,76 +357,101 @@ def kmedoids(
     *,
     weights: Tensor | None = None,
     iters: int = 3,
+    layout: str = "published",
     **_: object,
 ) -> Merge:
-    """K-Medoids on the unprotected tokens (REFERENCE §1): K = T - p - r medoids, output = the medoid tokens.
+    """K-Medoids on the unprotected tokens, as the published K-Medoids models: ``K = T - p - r`` medoids, output
+    = the medoid tokens.
 
-    ``weights (B, T)``: importance of each token (the attention it received in the previous block); the
-    initial medoids are the top-K by weight (the first K tokens without weights). ``iters`` rounds of
-    assignment (nearest medoid, euclidean) and update (the member minimising the summed distance to its
-    cluster). Protected tokens are kept as their own slots.
+    ``weights (B, T)``: importance of each token (the attention it received in the previous block, summed over
+    heads and queries); the initial medoids are the top-K by weight, in that order. Without weights every token
+    weighs 1 and the initial medoids are chosen farthest-point style from token 0 (the published code starts
+    from a random token): each next medoid is the token whose largest distance to the medoids so far is the
+    largest. ``iters`` rounds of assignment (nearest medoid, euclidean ``cdist``, first on ties) and update: the
+    new medoid of cluster ``k`` is the member ``i`` minimising ``w_i * sum_j d(i, j)`` over *all* tokens ``j``
+    (token 0 for an empty cluster), as published.
+
+    ``layout="published"``: slot ``p + k`` holds medoid ``k`` (the order of the initial top-K); ``"spatial"``:
+    slots numbered by their smallest token. Labels assign every token to its nearest medoid (each medoid in its
+    own slot); the merged value of a slot is its medoid token (``Merge.select``).
     """
+    _check_layout(layout)
     bsz, t, _c = metric.shape
-    r = _check_r(r, t, protected_tokens, max(t - protected_tokens - 1, 0), "K-Medoids")
+    p = protected_tokens
+    r = _check_r(r, t, p, max(t - p - 1, 0), "K-Medoids")
     if r == 0:
         return identity_merge(bsz, t, metric.device)
-    x = metric[:, protected_tokens:].float()
+    x = metric[:, p:].float()
     n = x.shape[1]
     k = n - r
-    if weights is None:
-        medoids = torch.arange(k, device=x.device).repeat(bsz, 1)
-    else:
-        medoids = weights[:, protected_tokens:].float().topk(k, dim=1).indices.sort(dim=1).values
     dist = torch.cdist(x, x)
+    if weights is None:
+        w = x.new_ones(bsz, n)
+        medoids = torch.zeros(bsz, 1, dtype=torch.long, device=x.device)
+        chosen = torch.zeros(bsz, n, dtype=torch.bool, device=x.device)
+        for _ in range(1, k):
+            chosen = chosen.scatter(1, medoids[:, -1:], True)
+            far = dist.gather(2, medoids.unsqueeze(1).expand(-1, n, -1)).masked_fill(chosen.unsqueeze(-1), 0.0)
+            medoids = torch.cat([medoids, far.amax(dim=-1).argmax(dim=-1, keepdim=True)], dim=1)
+    else:
+        w = weights[:, p:].float()
+        medoids = w.topk(k, dim=1).indices
+    # published update cost: each row of the distance matrix scaled by its token's weight, summed over all
+    # tokens; rows outside the cluster count as 1e6 per entry
+    cost = (dist * w.unsqueeze(-1)).sum(dim=-1)
+    outside = torch.full((), 1e6 * n, dtype=cost.dtype, device=x.device)
+    clusters = torch.arange(k, device=x.device)[None, :, None]
     for _ in range(iters):
-        assign = _nearest_centre(dist, medoids)
-        same = assign.unsqueeze(1) == assign.unsqueeze(2)  # (B, n, n) same cluster
-        cost = torch.where(same, dist, torch.zeros((), device=x.device)).sum(dim=2)
-        # Per cluster, the member with the lowest total distance becomes the medoid.
-        best = torch.full((bsz, k), float("inf"), device=x.device)
-        best.scatter_reduce_(1, assign, cost, reduce="amin")
-        is_best = cost == best.gather(1, assign)
-        pos = torch.arange(n, device=x.device).expand(bsz, n)
-        candidate = torch.where(is_best, pos, torch.full_like(pos, n))
-        new_medoids = torch.full((bsz, k), n, device=x.device, dtype=torch.long)
-        new_medoids.scatter_reduce_(1, assign, candidate, reduce="amin")
-        medoids = torch.where(new_medoids < n, new_medoids, medoids)
-    assign = _nearest_centre(dist, medoids, own_cluster=True)
-    labels = _relabel_by_first_token(assign, k)
-    slot_of_medoid = labels.gather(1, medoids)
-    select = torch.empty_like(medoids)
-    select.scatter_(1, slot_of_medoid, medoids)
-    prefix = torch.arange(protected_tokens, device=x.device).expand(bsz, protected_tokens)
-    return Merge(_with_prefix(labels, protected_tokens), t - r, torch.cat([prefix, select + protected_tokens], 1))
+        assign = dist.gather(2, medoids.unsqueeze(1).expand(-1, n, -1)).argmin(dim=-1)
+        member = assign.unsqueeze(1) == clusters  # (B, K, n)
+        medoids = torch.where(member, cost.unsqueeze(1), outside).argmin(dim=-1)
+    assign = _own_cluster(dist.gather(2, medoids.unsqueeze(1).expand(-1, n, -1)).argmin(dim=-1), medoids)
+    if layout == "spatial":
+        labels = _relabel_by_first_token(assign, k)
+        select = torch.empty_like(medoids)
+        select.scatter_(1, labels.gather(1, medoids), medoids)
+    else:
+        labels, select = assign, medoids
+    prefix = torch.arange(p, device=x.device).expand(bsz, p)
+    return Merge(_with_prefix(labels, p), t - r, torch.cat([prefix, select + p], 1))
 
 
-def dpc_knn(metric: Tensor, r: int, protected_tokens: int = 1, *, k: int = 5, **_: object) -> Merge:
-    """DPC-KNN clustering (TCFormer) of the unprotected tokens into ``T - p - r`` clusters.
+def dpc_knn(metric: Tensor, r: int, protected_tokens: int = 1, *, k: int = 5, layout: str = "published",
+            **_: object) -> Merge:
+    """DPC-KNN clustering (TCFormer's CTM, as in the published DPC-KNN models) of the unprotected tokens into
+    ``T - p - r`` clusters.
 
-    Distances ``cdist / sqrt(C)``; density ``exp(-mean of squared distances to the k nearest neighbours)``;
-    ``delta`` = distance to the nearest denser token (max distance for the densest); centres = top-K of
-    ``delta * density``; every token joins its nearest centre. Deterministic (ties broken by a tiny
-    index-dependent offset instead of random noise). Merge with :meth:`Merge.merge` and token weights.
+    Distances ``cdist / sqrt(C)``; density ``exp(-mean of squared distances to the k nearest neighbours)``
+    (the token itself included) plus a tie-breaking offset below ``1e-6`` (the published code adds uniform
+    noise ``< 1e-6``; here it is deterministic, ``1e-6 * (n - 1 - i) / n`` for token ``i``, so results are
+    reproducible); ``delta`` = distance to the nearest denser token (the largest distance for the densest);
+    centres = top-K of ``delta * density``; every token joins its nearest centre, each centre its own cluster.
+
+    The returned merge averages with token weights alone (``Merge.weight_by_size`` is false):
+    ``sum(w x) / (sum(w) + 1e-6)`` per cluster; protected tokens are kept as they are. ``layout="published"``: slot ``p + k`` is the ``k``-th centre
+    in descending score order; ``"spatial"``: slots numbered by their smallest token.
     """
+    _check_layout(layout)
     bsz, t, c = metric.shape
-    r = _check_r(r, t, protected_tokens, max(t - protected_tokens - 1, 0), "DPC-KNN")
+    p = protected_tokens
+    r = _check_r(r, t, p, max(t - p - 1, 0), "DPC-KNN")
     if r == 0:
         return identity_merge(bsz, t, metric.device)
-    x = metric[:, protected_tokens:].float()
+    x = metric[:, p:].float()
     n = x.shape[1]
     num_clusters = n - r
-    dist = torch.cdist(x, x) / math.sqrt(c)
-    kk = min(k, n)
-    knn = dist.topk(kk, dim=-1, largest=False).values
+    dist = torch.cdist(x, x) / (c**0.5)
+    knn = dist.topk(min(k, n), dim=-1, largest=False).values
     density = (-(knn**2).mean(dim=-1)).exp()
-    density = density + torch.arange(n, device=x.device, dtype=density.dtype).flip(0) * 1e-6 * density.mean(1, True)
+    density = density + torch.arange(n - 1, -1, -1, device=x.device, dtype=density.dtype) * (1e-6 / n)
     denser = density.unsqueeze(1) > density.unsqueeze(2)  # [b, i, j]: j is denser than i
     dist_max = dist.flatten(1).max(dim=1).values[:, None, None]
     delta = torch.where(denser, dist, dist_max).min(dim=-1).values
-    score = delta * density
-    centres = score.topk(num_clusters, dim=-1).indices
-    assign = _nearest_centre(dist, centres, own_cluster=True)
-    return Merge(_with_prefix(_relabel_by_first_token(assign, num_clusters), protected_tokens), t - r)
+    centres = (delta * density).topk(num_clusters, dim=-1).indices
+    assign = _own_cluster(dist.gather(1, centres.unsqueeze(-1).expand(-1, -1, n)).argmin(dim=1), centres)
+    if layout == "spatial":
+        assign = _relabel_by_first_token(assign, num_clusters)
+    return Merge(_with_prefix(assign, p), t - r, weight_by_size=False, eps=1e-6, passthrough=p)
 
 
 MergeMethod = Callable[..., Merge]

@@ -10,6 +10,11 @@ Importing this module (``import atc`` does it) registers the names with timm:
 Each is timm's DeiT (``VisionTransformer``, or ``VisionTransformerDistilled`` for ``_distilled``) patched with
 :func:`atc.patch.timm` and a :class:`~atc.patch.common.KeepRateSchedule`: after reduction location ``idx``
 ``int(N_patches * keep_rate^(idx+1))`` patch tokens remain (REFERENCE §2), whatever the input size.
+
+They compute what the published models of the same names compute (tests/test_fidelity.py): proportional
+attention on by default for ``atc``/``tome`` and off for ``kmedoids``/``dpcknn`` (plain blocks, as published),
+ToMe's published token layout, and DPC-KNN's learned token scores under the published state-dict names
+``cluster_layers.N.score`` (one ``Linear(dim, 1)`` per reduction location), so published checkpoints load.
 """
 
 from __future__ import annotations
@@ -46,10 +51,11 @@ def _build(
     reduction_loc: Sequence[int] = (3, 6, 9),
     keep_rate: float | Sequence[float] = 0.9,
     linkage: str = "complete",
-    proportional_attn: bool = True,
+    proportional_attn: bool | None = None,
     checkpoint_path: str | None = None,
     backend: str = "auto",
     metric: str = "keys",
+    layout: str = "published",
     **kwargs: Any,
 ) -> nn.Module:
     from timm.models.deit import VisionTransformerDistilled
@@ -70,10 +76,15 @@ def _build(
     for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
         kwargs.pop(key, None)
     cls = VisionTransformerDistilled if distilled else VisionTransformer
-    model = cls(patch_size=16, **arch, **kwargs)
+    kwargs.setdefault("patch_size", 16)  # the registered names are patch 16; smaller models (tests) may differ
+    model = cls(**arch, **kwargs)
+    if proportional_attn is None:  # as published: ATC/ToMe blocks use it, the K-Medoids/DPC-KNN models do not
+        proportional_attn = method in ("atc", "tome")
     atc.patch.timm(model, method=method, linkage=linkage, prop_attn=proportional_attn, backend=backend,
-                   metric=metric)
+                   metric=metric, layout=layout)
     model.r = schedule
+    if method == "dpcknn":
+        _published_token_scores(model, schedule)
     model.keep_schedule = schedule
     # timm.create_model(checkpoint_path=...) calls model.load_state_dict itself; route it through our checks.
     # One shared class for every registered model of a type (torch.compile guards on the type); remove_patch
@@ -82,6 +93,38 @@ def _build(
     if checkpoint_path:
         load_checkpoint(model, checkpoint_path)
     return model
+
+
+#: state-dict prefixes of what the registered models add to DeiT (allowed to be missing from a checkpoint)
+_NEW_MODULES = ("cluster_layers.",)
+
+
+class TokenScore(nn.Module):
+    """DPC-KNN's learned token score at one reduction location (TCFormer's CTM): ``score = Linear(C -> 1)``, the
+    merge weights are ``exp(score(x))``. Named as in the published models (``cluster_layers.N.score``)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.score = nn.Linear(dim, 1)
+        # the published models initialise it like every timm ViT linear layer
+        nn.init.trunc_normal_(self.score.weight, std=0.02)
+        nn.init.zeros_(self.score.bias)
+
+
+def _published_token_scores(model: nn.Module, schedule: KeepRateSchedule) -> None:
+    """Give a registered DPC-KNN model the published state-dict layout: one :class:`TokenScore` per reduction
+    location in ``model.cluster_layers``, instead of a score layer on every block.
+
+    The block at location ``idx`` uses ``cluster_layers[idx].score``, held as a plain attribute (not a
+    submodule), so each weight appears once in the state dict, under its published name. Blocks off the
+    reduction locations have no score: these models reduce where ``reduction_loc`` says.
+    """
+    param = next(model.parameters())
+    model.cluster_layers = nn.ModuleList(TokenScore(model.embed_dim) for _ in schedule.reduction_loc).to(param.device)
+    for i, blk in enumerate(model.blocks):
+        del blk._modules["atc_token_score"]
+        if i in schedule.reduction_loc:
+            object.__setattr__(blk, "atc_token_score", model.cluster_layers[schedule.reduction_loc.index(i)].score)
 
 
 def _register() -> None:
@@ -145,7 +188,8 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike[str], strict_head:
     Accepts a plain timm/DeiT state dict, ``{"state_dict": ...}``, or the paper's checkpoint
     (``model``, ``model_ema``, ``ema_best``: the EMA weights are used when ``ema_best`` is true). The position
     embedding is resampled (bicubic) when the checkpoint was trained at another input size. Parameters the
-    patch adds (DPC-KNN's ``atc_token_score``) may be absent. ``strict_head=False`` skips classifier weights of
+    patch adds (DPC-KNN's token scores: ``cluster_layers.N.score`` in the registered models, as published,
+    ``blocks.N.atc_token_score`` in other patched models) may be absent. ``strict_head=False`` skips classifier weights of
     another class count (fine-tuning on a new dataset).
 
     Raises:
@@ -168,7 +212,10 @@ def _check_and_load(model: nn.Module, state_dict: dict[str, torch.Tensor], sourc
     _adapt_pos_embed(model, state_dict)
     own = model.state_dict()
     head_keys = {k for k in own if k.startswith(("head.", "head_dist."))}
-    missing = [k for k in own if k not in state_dict and "atc_token_score" not in k]
+    # DPC-KNN's token scores are new when fine-tuning from DeiT weights (the published code lists them as
+    # its new modules): they may be absent
+    missing = [k for k in own if k not in state_dict and "atc_token_score" not in k
+               and not k.startswith(_NEW_MODULES)]
     unexpected = [k for k in state_dict if k not in own]
     shape = [
         f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"

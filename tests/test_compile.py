@@ -153,3 +153,73 @@ def test_benchmark_script_compiles_and_reports_flops(tmp_path):
     assert tome.tokens == "17-17-17-12-12-12-8-8-8-6-6-6" and tome.final_tokens == 6
     # deit-tiny at 64 px: 12 blocks of 17 tokens, 2 FLOPs per multiply-add
     assert 0.15 < base.gflops < 0.25 and tome.gflops < 0.8 * base.gflops
+
+
+# ------------------------------------------------------------------------------------ more model families
+def _perturb(model: torch.nn.Module) -> torch.nn.Module:
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    return model.eval()
+
+
+def _check_compiled_call(model: torch.nn.Module, call, atol: float = 1e-5) -> None:
+    """As :func:`_check_compiled` for any patched model: ``call(module, images)`` returns its main output."""
+    x1, x2 = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref1 = call(model, x1)
+        tokens = model._atc_info["tokens"]
+        ref2 = call(model, x2)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(call(compiled, x1), ref1, rtol=1e-4, atol=atol)
+    assert model._atc_info["tokens"] == tokens
+    assert counters["stats"]["unique_graphs"] == 1
+    with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
+        torch.testing.assert_close(call(compiled, x2), ref2, rtol=1e-4, atol=atol)
+    assert counters["stats"]["unique_graphs"] == 1
+
+
+TIMM_FAMILIES = {
+    "siglip_map": lambda: VisionTransformer(**TINY, class_token=False, global_pool="map"),
+    "rope_vit_gqa": lambda: Eva(**TINY, attn_type="rope", qkv_fused=False, num_kv_heads=1, use_rot_pos_emb=True,
+                                use_abs_pos_emb=False, init_values=0.5),
+}
+
+
+@pytest.mark.parametrize("family,method,linkage", [(f, "tome", "average") for f in TIMM_FAMILIES] + [
+    pytest.param("rope_vit_gqa", "atc", "average", marks=_NEEDS_OP, id="rope_vit_gqa-atc")])
+def test_timm_attention_pool_and_rope_vits_compile(family, method, linkage):
+    torch.manual_seed(0)
+    model = _perturb(TIMM_FAMILIES[family]())
+    atc.patch.timm(model, method=method, linkage=linkage, trace_source=True)
+    model.r = R
+    _check_compiled_call(model, lambda m, x: m(x))
+
+
+def _transformers_families():
+    transformers = pytest.importorskip("transformers")
+    small = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64, image_size=32,
+                 patch_size=8)
+    return {
+        "vit": lambda: transformers.ViTForImageClassification(transformers.ViTConfig(**small, num_labels=3)),
+        "clip": lambda: transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**small)),
+        "siglip": lambda: transformers.SiglipVisionModel(transformers.SiglipVisionConfig(**small)),
+        "dinov2": lambda: transformers.Dinov2Model(transformers.Dinov2Config(**small)),
+    }
+
+
+def _hf_output(module, x):
+    out = module(pixel_values=x)
+    return out.logits if getattr(out, "logits", None) is not None else out.pooler_output
+
+
+@pytest.mark.parametrize("family,method,linkage", [(f, "tome", "average") for f in ("vit", "clip", "siglip", "dinov2")]
+                         + [pytest.param("siglip", "atc", "complete", marks=_NEEDS_OP, id="siglip-atc")])
+def test_transformers_towers_compile(family, method, linkage):
+    torch.manual_seed(0)
+    model = _perturb(_transformers_families()[family]())
+    atc.patch.transformers(model, method=method, linkage=linkage, trace_source=True)
+    model.r = R
+    _check_compiled_call(model, _hf_output)

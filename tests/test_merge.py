@@ -26,7 +26,7 @@ def brute_force_merge(x, size, labels, num_out):
     return out, out_size
 
 
-def check_partition(merge: M.Merge, protected: int, removed: int):
+def check_partition(merge: M.Merge, protected: int, removed: int, spatial: bool = True):
     labels = merge.labels
     b, t = labels.shape
     assert merge.num_out == t - removed
@@ -34,17 +34,24 @@ def check_partition(merge: M.Merge, protected: int, removed: int):
         assert row[:protected] == list(range(protected)), "protected tokens keep their own first slots"
         assert set(row[protected:]).isdisjoint(range(protected)), "nothing merges into a protected token"
         assert sorted(set(row)) == list(range(merge.num_out)), "every slot is used"
-        assert list(dict.fromkeys(row)) == list(range(merge.num_out)), "slots numbered by smallest token"
+        if spatial:
+            assert list(dict.fromkeys(row)) == list(range(merge.num_out)), "slots numbered by smallest token"
 
 
 @pytest.mark.parametrize("method", ["atc", "tome", "kmedoids", "dpcknn"])
 @pytest.mark.parametrize("protected", [0, 1, 2])
-def test_every_method_removes_exactly_r(method, protected):
+@pytest.mark.parametrize("layout", M.LAYOUTS)
+def test_every_method_removes_exactly_r(method, protected, layout):
     gen = torch.Generator().manual_seed(protected)
     x = torch.randn(3, 21, 8, generator=gen)
     for r in (0, 1, 5, M.max_removable(method, 21, protected)):
-        merge = M.merge_by_method(method, x, r, protected, linkage="complete")
-        check_partition(merge, protected, r)
+        merge = M.merge_by_method(method, x, r, protected, linkage="complete", layout=layout)
+        check_partition(merge, protected, r, spatial=layout == "spatial" or method == "atc" or r == 0)
+
+
+def test_unknown_layout():
+    with pytest.raises(ValueError, match="layout"):
+        M.bipartite_soft_matching(torch.randn(1, 9, 4), 2, 1, layout="zigzag")
 
 
 @pytest.mark.parametrize("method", ["atc", "tome", "kmedoids", "dpcknn"])
@@ -143,9 +150,30 @@ def test_tome_matches_reference(protected, seed):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(2, 17, 5, generator=gen, dtype=torch.float64)
     for r in (1, 4, (17 - protected) // 2):
-        merge = M.bipartite_soft_matching(x, r, protected)
-        check_partition(merge, protected, r)
-        assert torch.allclose(merge.unmerge(merge.merge(x)), tome_reference(x, r, protected), atol=1e-12)
+        for layout in M.LAYOUTS:
+            merge = M.bipartite_soft_matching(x, r, protected, layout=layout)
+            check_partition(merge, protected, r, spatial=layout == "spatial")
+            assert torch.allclose(merge.unmerge(merge.merge(x)), tome_reference(x, r, protected), atol=1e-12)
+
+
+@pytest.mark.parametrize("protected", [0, 1, 2])
+def test_tome_published_layout(protected):
+    """[protected, unmerged sources (by index with a class token, else by descending best score), destinations
+    in index order] -- ToMe's layout, written out with loops."""
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 19, 5, generator=gen, dtype=torch.float64)
+    r = 4
+    merge = M.bipartite_soft_matching(x, r, protected)
+    for i in range(2):
+        unit = [x[i, j] / x[i, j].norm() for j in range(19)]
+        src = [j for j in range(19) if j % 2 == 0 and j >= protected]
+        dst = [j for j in range(19) if j % 2 == 1 and j >= protected]
+        best = {s: max(float(unit[s] @ unit[d]) for d in dst) for s in src}
+        ranked = sorted(src, key=lambda s: -best[s])
+        unmerged = ranked[r:] if protected == 0 else sorted(ranked[r:])
+        expected = list(range(protected)) + unmerged + dst
+        for slot, token in enumerate(expected):
+            assert int(merge.labels[i, token]) == slot
 
 
 def test_tome_custom_destination_mask():
@@ -189,42 +217,46 @@ def test_proportional_attention_bias():
 
 
 def kmedoids_reference(x, k, weights, iters):
-    """K-Medoids with explicit loops: top-k init by weight, assign to nearest medoid, medoid = member with
-    the smallest summed distance to its cluster (first such member on ties)."""
+    """The published K-Medoids with explicit loops: init = top-k by weight (in that order); assign to the
+    nearest medoid (first on ties); medoid of cluster c = the member i with the smallest w_i * sum_j d(i, j)
+    over all tokens j (token 0 for an empty cluster). Returns the medoids in cluster order."""
     n = x.shape[0]
     dist = torch.cdist(x, x)
-    order = sorted(range(n), key=lambda j: -float(weights[j]))[:k]
-    medoids = sorted(order)
+    medoids = sorted(range(n), key=lambda j: -float(weights[j]))[:k]
+    cost = [float(weights[j]) * float(dist[j].sum()) for j in range(n)]
     for _ in range(iters):
-        assign = [min(range(k), key=lambda m: (float(dist[medoids[m], j]), m)) for j in range(n)]
-        new = []
+        assign = [min(range(k), key=lambda m: (float(dist[j, medoids[m]]), m)) for j in range(n)]
         for m in range(k):
             members = [j for j in range(n) if assign[j] == m]
-            if not members:
-                new.append(medoids[m])
-                continue
-            costs = [float(sum(dist[j, q] for q in members)) for j in members]
-            new.append(members[costs.index(min(costs))])
-        medoids = new
+            medoids[m] = min(members, key=lambda j: cost[j]) if members else 0
     return medoids
 
 
-def test_kmedoids_outputs_are_the_medoids():
+@pytest.mark.parametrize("layout", M.LAYOUTS)
+def test_kmedoids_outputs_are_the_medoids(layout):
     gen = torch.Generator().manual_seed(4)
     x = torch.randn(2, 25, 5, generator=gen, dtype=torch.float64)
     weights = torch.rand(2, 25, generator=gen)
-    merge = M.kmedoids(x, 9, protected_tokens=1, weights=weights, iters=3)
+    merge = M.kmedoids(x, 9, protected_tokens=1, weights=weights, iters=3, layout=layout)
     out = merge.merge(x)
     assert out.shape == (2, 16, 5)
     for i in range(2):
         ref = kmedoids_reference(x[i, 1:], 15, weights[i, 1:], 3)
-        chosen = sorted(int(s) - 1 for s in merge.select[i, 1:])
-        assert chosen == sorted(ref)
+        chosen = [int(s) - 1 for s in merge.select[i, 1:]]
+        assert chosen == ref if layout == "published" else sorted(chosen) == sorted(ref)
         assert torch.equal(out[i, 0], x[i, 0])
         for slot in range(16):
             # Every output token is an input token that belongs to its own slot.
             assert merge.labels[i, merge.select[i, slot]] == slot
             assert torch.equal(out[i, slot], x[i, merge.select[i, slot]])
+
+
+def test_kmedoids_without_weights_starts_farthest_point_from_token_0():
+    x = torch.tensor([[[0.0], [1.0], [10.0], [4.0], [9.0]]])
+    merge = M.kmedoids(x, 2, protected_tokens=0, iters=0)
+    # token 0, then the farthest from it (10), then the token whose *largest* distance to the chosen ones is
+    # largest, as published (1 and 9 both have 9: the first, 1)
+    assert merge.select[0].tolist() == [0, 2, 1]
 
 
 def dpc_knn_reference(x, k_clusters, k_nn):
@@ -234,8 +266,7 @@ def dpc_knn_reference(x, k_clusters, k_nn):
     for i in range(n):
         nearest = sorted(float(v) for v in dist[i])[:k_nn]
         density.append(math.exp(-sum(v * v for v in nearest) / k_nn))
-    mean_density = sum(density) / n
-    density = [d + (n - 1 - i) * 1e-6 * mean_density for i, d in enumerate(density)]
+    density = [d + 1e-6 * (n - 1 - i) / n for i, d in enumerate(density)]
     dmax = float(dist.max())
     score = []
     for i in range(n):
@@ -255,15 +286,23 @@ def test_dpc_knn_matches_reference():
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(2, 30, 6, generator=gen, dtype=torch.float64)
     merge = M.dpc_knn(x, 12, protected_tokens=1, k=5)
+    spatial = M.dpc_knn(x, 12, protected_tokens=1, k=5, layout="spatial")
     for i in range(2):
         ref = dpc_knn_reference(x[i, 1:], 17, 5)
+        assert merge.labels[i, 1:].tolist() == [a + 1 for a in ref]  # published: slot k = k-th centre by score
         mapping: dict[int, int] = {}
         ref_canon = [mapping.setdefault(a, len(mapping)) + 1 for a in ref]
-        assert merge.labels[i, 1:].tolist() == ref_canon
-    # Learnable-weight merge: weighted mean with given token weights.
+        assert spatial.labels[i, 1:].tolist() == ref_canon
+    # Learnable-weight merge: sum(w x) / (sum(w) + 1e-6) per cluster, sizes ignored but summed.
     w = torch.rand(2, 30, 1, generator=gen, dtype=torch.float64)
-    ref_x, _ = brute_force_merge(x, w, merge.labels, merge.num_out)
-    assert torch.allclose(merge.merge(x, w), ref_x, atol=1e-12)
+    size = torch.randint(1, 4, (2, 30, 1), generator=gen).double()
+    merged, merged_size = merge.merge_with_size(x, size, w)
+    for i in range(2):
+        for slot in range(merge.num_out):
+            members = [j for j in range(30) if merge.labels[i, j] == slot]
+            ref_x = sum(w[i, j] * x[i, j] for j in members) / (sum(w[i, j] for j in members) + 1e-6)
+            assert torch.allclose(merged[i, slot], ref_x, atol=1e-12)
+            assert float(merged_size[i, slot]) == sum(float(size[i, j]) for j in members)
 
 
 def test_identity_when_nothing_removed():

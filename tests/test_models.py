@@ -110,3 +110,31 @@ def test_registered_names():
     for size in ("tiny", "small", "base"):
         assert {f"atc_{size}_patch16_224", f"tome_{size}_patch16_224"} <= names
     assert len(atc.models.MODEL_NAMES) == 24
+
+
+def test_published_defaults_per_method():
+    """Proportional attention as in the published models: ATC/ToMe on, K-Medoids/DPC-KNN (plain blocks) off;
+    ToMe's published token layout."""
+    for method, prop in (("atc", True), ("tome", True), ("kmedoids", False), ("dpcknn", False)):
+        model = timm.create_model(f"{method}_tiny_patch16_224", keep_rate=0.7, **SMALL)
+        assert model._atc_state.prop_attn is prop and model._atc_state.layout == "published"
+    model = timm.create_model("kmedoids_tiny_patch16_224", keep_rate=0.7, proportional_attn=True, layout="spatial",
+                              **SMALL)
+    assert model._atc_state.prop_attn and model._atc_state.layout == "spatial"
+
+
+def test_dpcknn_loads_deit_weights_and_published_checkpoints(tmp_path):
+    torch.manual_seed(0)
+    deit = timm.create_model("deit_tiny_patch16_224", **SMALL)
+    plain = tmp_path / "deit.pth"
+    torch.save(deit.state_dict(), plain)
+    # fine-tuning from DeiT: the token scores are new (kept at their initialisation)
+    model = load_checkpoint(timm.create_model("dpcknn_tiny_patch16_224", keep_rate=0.7, **SMALL), plain)
+    assert torch.equal(model.blocks[0].attn.qkv.weight, deit.blocks[0].attn.qkv.weight)
+    published = dict(deit.state_dict(), **{f"cluster_layers.{i}.score.{n}": torch.full(s, float(i + 1))
+                                           for i in range(3) for n, s in (("weight", (1, 48)), ("bias", (1,)))})
+    paper = tmp_path / "paper.pth"
+    torch.save({"model": published, "epoch": 3}, paper)
+    model = load_checkpoint(timm.create_model("dpcknn_tiny_patch16_224", keep_rate=0.7, **SMALL), paper)
+    assert [float(model.blocks[i].atc_token_score.bias.detach()) for i in (3, 6, 9)] == [1.0, 2.0, 3.0]
+    assert "blocks.3.atc_token_score.weight" not in model.state_dict()

@@ -166,7 +166,8 @@ def test_merged_block_matches_brute_force(family, method, linkage):
     model = _make(family)
     eva = isinstance(model, Eva)
     prefix = model.num_prefix_tokens
-    atc.patch.timm(model, method=method, linkage=linkage or "average", trace_source=True)
+    # the reference lists clusters in spatial order; ToMe's published layout is checked in test_fidelity.py
+    atc.patch.timm(model, method=method, linkage=linkage or "average", trace_source=True, layout="spatial")
     model.r = [3, 4, 0]
     rec, hooks = _capture(model, 1)
     with torch.no_grad():
@@ -193,7 +194,7 @@ def test_merged_block_matches_brute_force(family, method, linkage):
 def test_post_norm_block_brute_force():
     """ResPostBlock: norm after attention/MLP; checked on block 0 with ToMe."""
     model = _make("post_norm")
-    atc.patch.timm(model, method="tome")
+    atc.patch.timm(model, method="tome", layout="spatial")  # the reference lists clusters in spatial order
     model.r = [3, 0, 0]
     rec, hooks = _capture(model, 0)
     with torch.no_grad():
@@ -303,8 +304,8 @@ def test_metric_option(metric):
 
 
 def test_unsupported_options_fail_at_patch_time():
-    with pytest.raises(ValueError, match="global_pool='map'"):
-        atc.patch.timm(VisionTransformer(**TINY, global_pool="map"))
+    with pytest.raises(ValueError, match="global_pool='prr'"):  # 'map' is supported: tests/test_patch_timm_families.py
+        atc.patch.timm(VisionTransformer(**TINY, class_token=False, global_pool="prr"))
     with pytest.raises(ValueError, match="ParallelScalingBlock"):
         atc.patch.timm(VisionTransformer(**TINY, block_fn=ParallelScalingBlock))
     with pytest.raises(ValueError, match="linkage"):

@@ -30,6 +30,8 @@ class SViTBlock(Block):
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, drop_path: float = 0.0) -> None:
         super().__init__(dim, num_heads, mlp_ratio, drop_path)
+        # the published SViT blocks are torch TransformerEncoderLayers: LayerNorm eps 1e-5
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.selector = nn.Sequential(nn.LayerNorm(dim), Mlp(dim, dim // 4, 2), nn.LogSoftmax(dim=-1))
         self.target_keep: float | None = None
         self.last_ratio_loss: Tensor | None = None

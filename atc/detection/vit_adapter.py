@@ -8,7 +8,11 @@ Layout per interaction stage ``[start, end]`` (indexes ``[[0,2],[3,5],[6,8],[9,1
 
 The clustering state is one composed :class:`atc.merge.Merge` from the full grid to the current tokens
 (``Merge.then``), so unmerging is a single gather. Merging, unmerging and clustering all go through
-:mod:`atc.merge`. The output is a 4-level pyramid (strides 4, 8, 16, 32) for an FPN.
+:mod:`atc.merge`. The output is a 4-level pyramid (strides 4, 8, 16, 32) for an FPN: the adapter's multi-scale
+features plus, by default (``vit_features="final"``, as the published ViT-Adapter and token-reduction adapters),
+the final ViT tokens unmerged to the full grid and resized bilinearly ×4, ×2, ×1, ×0.5 to every level;
+``vit_features="per_stage"`` adds each interaction stage's tokens to its own level instead (the later upstream
+ViT-Adapter release).
 """
 
 from __future__ import annotations
@@ -20,12 +24,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from atc.detection.ms_deform_attn import MSDeformAttn
-from atc.merge import Merge, identity_merge, max_removable, merge_by_method, proportional_attention_bias
+from atc.merge import LAYOUTS, Merge, identity_merge, max_removable, merge_by_method, proportional_attention_bias
 
 __all__ = ["ViTAdapter", "Block", "LINKAGES", "planned_token_counts", "vit_adapter_tiny", "vit_adapter_small",
            "load_vit_weights", "vit_state_dict_for_adapter"]
 
 LINKAGES = ("tome", "single", "complete", "average")
+#: How the ViT tokens join the output pyramid (see the module docstring).
+VIT_FEATURES = ("final", "per_stage")
 
 
 def planned_token_counts(num_tokens: int, keep_rate: float, num_locations: int) -> list[int]:
@@ -89,7 +95,7 @@ class Block(nn.Module):
         self.norm2, self.mlp = nn.LayerNorm(dim, eps=1e-6), Mlp(dim, int(dim * mlp_ratio))
         self.drop_path = DropPath(drop_path)
         self.keep_rate: float | None = None  # set by ViTAdapter on reduction blocks
-        self.method, self.linkage, self.proportional_attn = "atc", "average", True
+        self.method, self.linkage, self.proportional_attn, self.layout = "atc", "average", True, "published"
 
     def forward(self, x: Tensor, size: Tensor | None = None, merge: Merge | None = None
                 ) -> tuple[Tensor, Tensor | None, Merge | None]:
@@ -101,7 +107,8 @@ class Block(nn.Module):
             r = t - max(1, int(t * self.keep_rate))
             if self.method == "tome":  # keep >= 0.5 is checked up front; an odd count at 0.5 keeps one more token
                 r = min(r, max_removable(self.method, t, 0))
-            options = {} if self.method == "tome" else {"linkage": self.linkage}
+            # ToMe without a class token: unmerged sources in score order with the published layout
+            options = {"layout": self.layout} if self.method == "tome" else {"linkage": self.linkage}
             step = merge_by_method(self.method, metric.float(), r, protected_tokens=0, **options)
             x, size = step.merge_wavg(x, size)
             merge = merge.then(step)
@@ -214,6 +221,10 @@ class ViTAdapter(nn.Module):
             reduction; ``1.0`` runs the reduction code path but keeps every token).
         linkage: ``tome`` (bipartite soft matching) or an ATC linkage ``single|complete|average``.
         proportional_attn: add ``log(size)`` to the attention logits of merged tokens.
+        layout: token order after a ToMe merge (:data:`atc.merge.LAYOUTS`): ``published`` (ToMe's layout, as the
+            published adapter) or ``spatial``.
+        vit_features: ``final`` (published: the final unmerged ViT tokens, resized, added to all four levels)
+            or ``per_stage`` (each interaction stage's tokens added to its own level).
         norm: ``bn`` (as published; converted to SyncBN by the training engine under DDP on GPU) or ``gn``.
         use_extra_extractor: two more extractors after the last stage (ViT-Adapter's default).
         pretrained: optional local DeiT/timm ViT checkpoint loaded into the plain-ViT part (patch embedding,
@@ -233,6 +244,7 @@ class ViTAdapter(nn.Module):
                  interaction_indexes: Sequence[Sequence[int]] = ((0, 2), (3, 5), (6, 8), (9, 11)),
                  reduction_ratio: float | None = None, linkage: str = "average",
                  reduction_loc: Sequence[int] = (3, 6, 9), proportional_attn: bool = True, norm: str = "bn",
+                 layout: str = "published", vit_features: str = "final",
                  use_extra_extractor: bool = True, pretrained: str | None = None, layer_scale: bool = False,
                  window_attn: Sequence[bool] | None = None, window_size: Sequence[int | None] | None = None,
                  **unused: object) -> None:
@@ -245,6 +257,10 @@ class ViTAdapter(nn.Module):
         if any(window_attn or []) or any(s is not None for s in (window_size or [])):
             raise ValueError("window attention is not supported: use window_attn=[False]*depth, "
                              "window_size=[None]*depth")
+        if vit_features not in VIT_FEATURES:
+            raise ValueError(f"unknown vit_features {vit_features!r}: choose one of {', '.join(VIT_FEATURES)}")
+        if layout not in LAYOUTS:
+            raise ValueError(f"unknown layout {layout!r}: choose one of {', '.join(LAYOUTS)}")
         if linkage not in LINKAGES:
             raise ValueError(f"unknown linkage {linkage!r}: choose one of {', '.join(LINKAGES)}")
         if reduction_ratio is not None and not 0 < float(reduction_ratio) <= 1:
@@ -262,6 +278,7 @@ class ViTAdapter(nn.Module):
         self.embed_dim, self.patch_size, self.interaction_indexes = embed_dim, patch_size, idx
         self.reduction_ratio = None if reduction_ratio is None else float(reduction_ratio)
         self.linkage, self.reduction_loc = linkage, tuple(int(i) for i in reduction_loc)
+        self.vit_features = vit_features
         self.pretrain_grid = pretrain_size // patch_size
         self.patch_embed = nn.Conv2d(3, embed_dim, patch_size, patch_size)
         self.pos_embed = nn.Parameter(torch.zeros(1, self.pretrain_grid**2, embed_dim))
@@ -275,7 +292,7 @@ class ViTAdapter(nn.Module):
                 blk.method = "tome" if linkage == "tome" else "atc"
                 blk.linkage = linkage
         for blk in self.blocks:
-            blk.proportional_attn = proportional_attn
+            blk.proportional_attn, blk.layout = proportional_attn, layout
         self.level_embed = nn.Parameter(torch.zeros(3, embed_dim))
         nn.init.normal_(self.level_embed)
         self.spm = SpatialPriorModule(conv_inplane, embed_dim, norm)
@@ -342,7 +359,7 @@ class ViTAdapter(nn.Module):
         c3 = c3.transpose(1, 2).reshape(b, -1, *c_shapes[1])
         c4 = c4.transpose(1, 2).reshape(b, -1, *c_shapes[2])
         c1 = self.up(c2) + c1
-        x1, x2, x3, x4 = outs
+        x1, x2, x3, x4 = outs if self.vit_features == "per_stage" else [outs[-1]] * 4
         c1 = c1 + F.interpolate(x1, scale_factor=4, mode="bilinear", align_corners=False)
         c2 = c2 + F.interpolate(x2, scale_factor=2, mode="bilinear", align_corners=False)
         c3 = c3 + x3

@@ -3,11 +3,13 @@
     atc.patch.timm(model, method="atc", linkage="average")   # timm VisionTransformer
     model.r = 16
     atc.patch.swag(model, ...)                                # torchvision VisionTransformer (SWAG)
+    atc.patch.transformers(model, ...)                        # Hugging Face ViT / CLIP / SigLIP / DINOv2
     atc.patch.diffusers(pipe_or_unet, ratio=0.5)              # diffusers UNet (ToMe-SD protocol)
     atc.patch.remove(model)                                   # restore the original classes
 
-Each patcher lives in its own module (``timm_vit``, ``torchvision_vit``, ``diffusers_unet``) and is imported
-on first use, so optional dependencies (diffusers) are only needed by the patchers that use them.
+Each patcher lives in its own module (``timm_vit``, ``torchvision_vit``, ``transformers_vit``,
+``diffusers_unet``) and is imported on first use, so optional dependencies (diffusers, transformers) are only
+needed by the patchers that use them.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__all__ = ["timm", "swag", "diffusers", "remove"]
+__all__ = ["timm", "swag", "transformers", "diffusers", "remove"]
 
 # Attribute set on a patched model: name of the module under atc.patch that patched it.
 PATCH_ATTR = "_atc_patch_module"
@@ -33,6 +35,12 @@ def timm(model: Any, **kwargs: Any) -> Any:
 def swag(model: Any, **kwargs: Any) -> Any:
     """Patch a torchvision ``VisionTransformer`` (SWAG) in place; see :mod:`atc.patch.torchvision_vit`."""
     return _module("torchvision_vit").apply_patch(model, **kwargs)
+
+
+def transformers(model: Any, **kwargs: Any) -> Any:
+    """Patch a Hugging Face ``transformers`` vision model in place (ViT, CLIP, SigLIP, DINOv2); see
+    :func:`atc.patch.transformers_vit.apply_patch`."""
+    return _module("transformers_vit").apply_patch(model, **kwargs)
 
 
 def diffusers(pipe_or_unet: Any, **kwargs: Any) -> Any:

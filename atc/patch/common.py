@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from atc.cluster import validate_linkage
-from atc.merge import MERGE_METHODS, Merge, init_token_map, max_removable, merge_by_method
+from atc.merge import LAYOUTS, MERGE_METHODS, Merge, init_token_map, max_removable, merge_by_method
 
 __all__ = [
     "METRICS",
@@ -237,6 +237,8 @@ class MergeState:
     trace_source: bool = False
     backend: str = "auto"
     metric: str = "keys"
+    #: token order after a merge (:data:`atc.merge.LAYOUTS`): each method's published layout, or spatial
+    layout: str = "published"
     protected: int = 1
     depth: int = 12
     r: Any = 0
@@ -249,6 +251,10 @@ class MergeState:
     rope: Tensor | None = None
     _bias: Tensor | None = None
     _plans: dict[Any, ReductionPlan] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"unknown token layout {self.layout!r}: choose one of {LAYOUTS}")
 
     def set_r(self, r: Any) -> None:
         """Validate ``r`` now (a bad value fails where it is set, naming the problem) and use it from now on."""
@@ -316,7 +322,7 @@ class MergeState:
         Sizes and the source map are updated; ``token_weight (B, T, 1)`` multiplies the sizes as merge weights
         (DPC-KNN's learnable weights). Returns the merged ``x (B, T - r, C)`` and the :class:`Merge`.
         """
-        options: dict[str, Any] = {"linkage": self.linkage, "backend": self.backend}
+        options: dict[str, Any] = {"linkage": self.linkage, "backend": self.backend, "layout": self.layout}
         if self.method == "kmedoids" and self.attn_received is not None:
             options["weights"] = self.attn_received
         with torch.no_grad():
@@ -450,7 +456,8 @@ def patch_model(model: nn.Module, state: MergeState, module_name: str,
     return model
 
 
-_PATCH_ATTRS = ("_atc_orig_class", "_atc_state", "_atc_index", "_atc_metric", "_atc_info", "_atc_patch_module", "r")
+_PATCH_ATTRS = ("_atc_orig_class", "_atc_state", "_atc_index", "_atc_metric", "_atc_info", "_atc_patch_module", "r",
+                "atc_token_score")
 
 
 def remove_patch(model: nn.Module) -> nn.Module:

@@ -13,15 +13,19 @@ biases, any number of prefix tokens (class, distillation, register tokens: all p
 ``class_token=False`` with ``global_pool="avg"|"max"|"avgmax"`` (averages become size-weighted),
 ``dynamic_img_size``, pre-norm (``Block``, ``EvaBlock``) and post-norm (``ResPostBlock``,
 ``EvaBlockPostNorm``) blocks, and EVA's rotary embeddings (the rotary table of a merged token is merged like
-the token itself: exact for K-Medoids, which selects tokens, a size-weighted mean otherwise). In a block that
+the token itself: exact for K-Medoids, which selects tokens, a size-weighted mean otherwise), also with timm's
+RoPE ViTs (``Eva`` with ``attn_type='rope'``: ``AttentionRope``, grouped-query K/V heads included), and
+attention pooling (``global_pool='map'``, SigLIP): the pooling query gets ``log(size)`` added to its logits, so a
+merged token weighs as the tokens it holds (exact with nothing merged). In a block that
 merges, or once tokens have sizes, attention runs through ``F.scaled_dot_product_attention`` with ``log(size)``
 as additive mask (proportional attention); a block with nothing to do runs timm's own forward. One forward
 serves the four block classes (their layout is a class constant), and blocks of one class share one patched
 class, so ``torch.compile`` traces the model as one graph.
 
 Placement (REFERENCE §1): ATC and ToMe merge inside each block after the attention residual, before the MLP;
-K-Medoids and DPC-KNN reduce the block input before the block. Unsupported variants (attention pooling
-``global_pool="map"``, parallel blocks, other attention layers, EVA's mixed RoPE) raise at patch time.
+K-Medoids and DPC-KNN reduce the block input before the block. Unsupported variants (``global_pool='prr'``,
+attention pooling with its own position embedding, parallel blocks, other attention layers, EVA's mixed RoPE)
+raise at patch time.
 """
 
 from __future__ import annotations
@@ -51,24 +55,31 @@ def _qkv_timm(attn: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 def _qkv_eva(attn: nn.Module, x: Tensor, rope: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
     from timm.layers import apply_rot_embed_cat
 
+    """``EvaAttention``'s and ``AttentionRope``'s projections, q/k-norm and rotary embedding (prefix tokens
+    unrotated); grouped-query K/V heads (``AttentionRope``'s ``num_kv_heads``) are repeated to the query heads."""
     b, n, _ = x.shape
+    q_bias = getattr(attn, "q_bias", None)  # EvaAttention only
     if attn.qkv is not None:
-        if attn.q_bias is None:
+        if q_bias is None:
             qkv = attn.qkv(x)
         else:
-            bias = torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
+            bias = torch.cat((q_bias, attn.k_bias, attn.v_bias))
             qkv = attn.qkv(x) + bias if attn.qkv_bias_separate else F.linear(x, attn.qkv.weight, bias)
         q, k, v = qkv.reshape(b, n, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
     else:
+        kv_heads = getattr(attn, "num_kv_heads", attn.num_heads)
         q = attn.q_proj(x).reshape(b, n, attn.num_heads, -1).transpose(1, 2)
-        k = attn.k_proj(x).reshape(b, n, attn.num_heads, -1).transpose(1, 2)
-        v = attn.v_proj(x).reshape(b, n, attn.num_heads, -1).transpose(1, 2)
+        k = attn.k_proj(x).reshape(b, n, kv_heads, -1).transpose(1, 2)
+        v = attn.v_proj(x).reshape(b, n, kv_heads, -1).transpose(1, 2)
     q, k = attn.q_norm(q), attn.k_norm(k)
     if rope is not None:
         p = attn.num_prefix_tokens
         half = getattr(attn, "rotate_half", False)
         q = torch.cat([q[:, :, :p], apply_rot_embed_cat(q[:, :, p:], rope, half=half)], dim=2).type_as(v)
         k = torch.cat([k[:, :, :p], apply_rot_embed_cat(k[:, :, p:], rope, half=half)], dim=2).type_as(v)
+    groups = getattr(attn, "num_kv_groups", 1)
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     return q, k, v
 
 
@@ -98,7 +109,7 @@ def _attend(block: nn.Module, x: Tensor, step: BlockStep, rope: Tensor | None, a
         logits = (q * attn.scale) @ k.transpose(-2, -1)
         if attn_mask is not None:
             logits = logits + attn_mask
-        state.attn_received = logits.softmax(dim=-1).mean(dim=1).sum(dim=1).detach()
+        state.attn_received = logits.softmax(dim=-1).sum(dim=1).sum(dim=1).detach()
     metric = None
     if step.in_r and state.metric != "x":
         metric = {"keys": k, "queries": q, "values": v}[state.metric].mean(dim=1)
@@ -133,6 +144,8 @@ def _merge(block: nn.Module, x: Tensor, metric: Tensor, r: int, weight: Tensor |
             rope = rope.unsqueeze(0).expand(bsz, -1, -1)
         elif rope.dim() == 4:  # (B, 1, N, D): per sample, after a merge or timm's patch dropout
             rope = rope[:, 0]
+        elif rope.dim() != 3:
+            raise ValueError(f"unsupported rotary table of shape {tuple(rope.shape)}: expected (N, D) or (B, 1, N, D)")
         padded = torch.cat([rope.new_zeros(bsz, p, rope.shape[-1]), rope], dim=1)
         weight = size if size is not None else rope.new_ones(bsz, padded.shape[1], 1)
         rope = m.merge(padded, weight.to(rope.dtype))[:, p:].unsqueeze(1)
@@ -187,8 +200,17 @@ def _eva_block_forward(self: nn.Module, x: Tensor, rope: Tensor | None = None, a
 # Model
 # --------------------------------------------------------------------------------------------------------------
 def _model_pool(self: nn.Module, x: Tensor, pool_type: str | None = None) -> Tensor:
-    """timm's ``pool`` with size-weighted averages over merged tokens."""
+    """timm's ``pool`` with size-weighted averages over merged tokens; attention pooling (``global_pool='map'``)
+    adds ``log(size)`` to the pooling query's logits, so a merged token weighs as the tokens it holds."""
     state: MergeState = self._atc_state
+    if self.attn_pool is not None:
+        if state.size is None or state.size.shape[1] != x.shape[1]:
+            return self._atc_base.pool(self, x, pool_type)
+        size = state.size
+        if not getattr(self, "pool_include_prefix", True):  # VisionTransformer pools patch tokens only
+            x, size = x[:, self.num_prefix_tokens:], size[:, self.num_prefix_tokens:]
+        # the query attends to a merged token as to the `size` identical tokens it stands for
+        return self.attn_pool(x, attn_mask=size.to(x.dtype).log()[:, None, None, :, 0])
     pool_type = self.global_pool if pool_type is None else pool_type
     if pool_type in ("avg", "max", "avgmax") and state.size is not None and state.size.shape[1] == x.shape[1]:
         return weighted_pool(x, state.size, pool_type, self.num_prefix_tokens,
@@ -198,7 +220,8 @@ def _model_pool(self: nn.Module, x: Tensor, pool_type: str | None = None) -> Ten
 
 def _check_supported(model: nn.Module) -> tuple[bool, list[nn.Module]]:
     """Return (is_eva, blocks); raise naming the option when the model cannot be patched exactly."""
-    from timm.layers.attention import Attention
+    from timm.layers.attention import Attention, AttentionRope
+    from timm.layers.attention_pool import AttentionPoolLatent
     from timm.models.eva import Eva, EvaAttention, EvaBlock, EvaBlockPostNorm
     from timm.models.vision_transformer import Block, ResPostBlock, VisionTransformer
 
@@ -207,18 +230,30 @@ def _check_supported(model: nn.Module) -> tuple[bool, list[nn.Module]]:
     if isinstance(model, VisionTransformer):
         is_eva, block_types, attn_types = False, (Block, ResPostBlock), (Attention,)
     elif isinstance(model, Eva):
-        is_eva, block_types, attn_types = True, (EvaBlock, EvaBlockPostNorm), (EvaAttention,)
+        is_eva, block_types, attn_types = True, (EvaBlock, EvaBlockPostNorm), (EvaAttention, AttentionRope)
         if getattr(model, "rope_mixed", False):
             raise ValueError("unsupported timm option: EVA with rope_type='mixed' (depth-dependent rotary tables)")
+    elif type(model).__name__ == "NaFlexVit":
+        raise TypeError(
+            "atc.patch.timm does not support NaFlexVit yet: its patch mask gives every sample its own number of "
+            "real tokens, and merging would have to keep padding tokens out of every cluster per sample; use a "
+            "fixed-size VisionTransformer or Eva"
+        )
     else:
         raise TypeError(
             f"atc.patch.timm supports timm VisionTransformer and Eva models, got {type(model).__name__}; "
             f"use atc.patch.swag for torchvision's VisionTransformer"
         )
-    if getattr(model, "attn_pool", None) is not None:
-        raise ValueError(
-            f"unsupported timm option: global_pool={model.global_pool!r} (attention pooling); use 'token' or 'avg'"
-        )
+    attn_pool = getattr(model, "attn_pool", None)
+    if attn_pool is not None:
+        if type(attn_pool) is not AttentionPoolLatent:
+            raise ValueError(
+                f"unsupported timm option: global_pool={model.global_pool!r} ({type(attn_pool).__name__}); "
+                f"supported: 'map' (AttentionPoolLatent), 'token', 'avg', 'max', 'avgmax'"
+            )
+        if attn_pool.pos_embed is not None:
+            raise ValueError("unsupported timm option: attention pooling with pos_embed='abs' (one position "
+                             "embedding per input token cannot follow merged tokens)")
     blocks = list(model.blocks)
     for i, blk in enumerate(blocks):
         if type(blk) not in block_types:
@@ -242,6 +277,7 @@ def apply_patch(
     trace_source: bool = False,
     backend: str = "auto",
     metric: str = "keys",
+    layout: str = "published",
 ) -> nn.Module:
     """Patch a timm ViT in place so that every block can remove ``model.r`` tokens.
 
@@ -256,6 +292,9 @@ def apply_patch(
         backend: clustering backend for ATC (``"auto"`` picks the compiled one on CPU).
         metric: what tokens are compared by: ``"keys"`` (mean over heads; the paper), ``"queries"``,
             ``"values"`` or ``"x"`` (the block input).
+        layout: token order after a merge: ``"published"`` (each method's published layout: ToMe's
+            ``[protected, unmerged sources, destinations]``, what official ToMe and the paper's models compute)
+            or ``"spatial"`` (merged tokens in the order of their first patch). Only ToMe's results depend on it.
 
     Returns:
         the same model; ``model.r`` defaults to 0 (identical to the unpatched model).
@@ -264,7 +303,7 @@ def apply_patch(
     _is_eva, blocks = _check_supported(model)
     state = MergeState(
         method=method, linkage=linkage, prop_attn=prop_attn, trace_source=trace_source, backend=backend,
-        metric=metric, protected=int(model.num_prefix_tokens), depth=len(blocks),
+        metric=metric, layout=layout, protected=int(model.num_prefix_tokens), depth=len(blocks),
     )
     patch_blocks(blocks, state, lambda blk: _BLOCK_MEMBERS[type(blk).__name__], score_dim=model.embed_dim)
     return patch_model(model, state, MODULE_NAME, {"pool": _model_pool})

@@ -42,7 +42,7 @@ def _attention(block: nn.Module, x: Tensor, state: MergeState, step: BlockStep) 
         logits = (q @ k.transpose(-2, -1)) * (c // heads) ** -0.5
         if bias is not None:
             logits = logits + bias
-        state.attn_received = logits.softmax(-1).mean(1).sum(1).detach()
+        state.attn_received = logits.softmax(-1).sum(1).sum(1).detach()
     metric = None
     if step.in_r and state.metric != "x":
         metric = {"keys": k, "queries": q, "values": v}[state.metric].mean(1)
@@ -78,6 +78,7 @@ def apply_patch(
     trace_source: bool = False,
     backend: str = "auto",
     metric: str = "keys",
+    layout: str = "published",
 ) -> nn.Module:
     """Patch a torchvision ``VisionTransformer`` in place; arguments as :func:`atc.patch.timm_vit.apply_patch`."""
     from torchvision.models.vision_transformer import EncoderBlock, VisionTransformer
@@ -94,7 +95,7 @@ def apply_patch(
         if not blk.self_attention._qkv_same_embed_dim or not blk.self_attention.batch_first:
             raise ValueError(f"unsupported nn.MultiheadAttention configuration at layer {i}")
     state = MergeState(method=method, linkage=linkage, prop_attn=prop_attn, trace_source=trace_source,
-                       backend=backend, metric=metric, protected=1, depth=len(layers))
+                       backend=backend, metric=metric, layout=layout, protected=1, depth=len(layers))
     patch_blocks(layers, state, lambda _blk: _BLOCK_MEMBERS, score_dim=model.hidden_dim)
     return patch_model(model, state, MODULE_NAME)
 
