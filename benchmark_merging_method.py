@@ -5,7 +5,8 @@ r"""Throughput, latency, FLOPs and memory of token-reduced ViTs vs the unreduced
         --reduction_ratio 0.7 --batch_sizes 4 --runs 40 --output_dir output/bench
     python benchmark_merging_method.py --model tome_small_patch16_224 --compile reduce-overhead --device cuda
 
-Randomly initialised models and random input (REFERENCE §3). Besides the requested models the run measures the
+Randomly initialised models and random input: speed and memory do not depend on the weights or the
+images, so nothing needs to be downloaded. Besides the requested models the run measures the
 unreduced baseline (``--baseline``, default ``deit_<size>_patch16_224``) and the baseline patched with r = 0 (the
 cost of being patched), interleaved over ``--repeats`` rounds so machine load affects all alike; the best round
 counts. With ``--compile`` every model, the baseline included, is compiled the same way. Writes
@@ -26,6 +27,7 @@ import torch
 from tqdm import tqdm
 
 from atc.benchmark import COMPILE_MODES
+from atc.cluster import LINKAGES
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -37,7 +39,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reduction_ratio", "--keep_rate", dest="reduction_ratio", type=float, nargs="+", default=[0.7],
                    help="keep rate(s) in (0, 1] at each reduction location (several values are swept)")
     p.add_argument("--reduction_loc", type=int, nargs="+", default=[3, 6, 9], help="0-indexed reduction blocks")
-    p.add_argument("--linkage", default="complete", choices=["single", "complete", "average"], help="ATC linkage")
+    p.add_argument("--linkage", default="complete", choices=sorted(LINKAGES), help="ATC linkage")
     p.add_argument("--no_proportional_attn", action="store_true", help="disable proportional attention")
     p.add_argument("--input_size", type=int, default=224, help="square input side in pixels (a multiple of 16)")
     p.add_argument("--runs", type=int, default=2000,

@@ -17,7 +17,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
@@ -25,7 +25,8 @@ import torch.nn as nn
 from atc import distributed as D
 from atc.data import DATASETS, MULTILABEL_DATASETS
 from atc.engine import build_loaders as engine_build_loaders
-from atc.engine import (LINKAGES, ConfigError, FitConfig, amp_dtype_for, build_classifier, count_parameters,
+from atc.cluster import LINKAGES
+from atc.engine import (ConfigError, FitConfig, amp_dtype_for, build_classifier, count_parameters,
                         evaluate, find_resume, fit, is_reduction_model, load_for_resume, load_pretrained,
                         parse_model_kwargs, run_cli, validate_reduction)
 from atc.tracking import add_wandb_arguments, require_wandb
@@ -55,7 +56,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--reduction_ratio", "--keep_rate", dest="reduction_ratio", type=float, nargs="+", default=[0.9],
                    help="keep rate in (0, 1]: after location i, int(N * kr^(i+1)) tokens remain; one value per "
                         "location is also accepted")
-    g.add_argument("--linkage", default="average", help=f"ATC linkage: {'|'.join(LINKAGES)}")
+    g.add_argument("--linkage", default="average", help=f"ATC linkage: {'|'.join(sorted(LINKAGES))}")
     g.add_argument("--proportional_attn", action="store_true", help="add log(token size) to attention logits")
 
     g = p.add_argument_group("optimiser (timm create_optimizer_v2)")
@@ -145,9 +146,43 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
+# (flag, attribute, test, what the value must be): numeric flags checked before anything is built, so a bad value
+# is named here instead of failing deep inside timm's scheduler or the data loader with an empty message.
+_NUMERIC_RULES: list[tuple[str, str, Callable[[float], bool], str]] = [
+    ("--batch-size", "batch_size", lambda v: v >= 1, "a positive number of images per process, e.g. 64"),
+    ("--input-size", "input_size", lambda v: v >= 1, "a positive image side in pixels, e.g. 224"),
+    ("--lr", "lr", lambda v: v >= 0, "a learning rate >= 0, e.g. 5e-4"),
+    ("--min-lr", "min_lr", lambda v: v >= 0, "a learning rate >= 0, e.g. 1e-5"),
+    ("--warmup-lr", "warmup_lr", lambda v: v >= 0, "a learning rate >= 0, e.g. 1e-6"),
+    ("--warmup-epochs", "warmup_epochs", lambda v: v >= 0, "a number of epochs >= 0 (0 = no warm-up)"),
+    ("--cooldown-epochs", "cooldown_epochs", lambda v: v >= 0, "a number of epochs >= 0"),
+    ("--decay-epochs", "decay_epochs", lambda v: v > 0, "a period in epochs > 0, e.g. 30"),
+    ("--patience-epochs", "patience_epochs", lambda v: v >= 0, "a number of epochs >= 0"),
+    ("--weight-decay", "weight_decay", lambda v: v >= 0, "a weight decay >= 0, e.g. 0.05"),
+    ("--drop", "drop", lambda v: 0 <= v < 1, "a dropout rate in [0, 1)"),
+    ("--drop-path", "drop_path", lambda v: 0 <= v < 1, "a stochastic-depth rate in [0, 1)"),
+    ("--smoothing", "smoothing", lambda v: 0 <= v < 1, "a label-smoothing amount in [0, 1)"),
+    ("--clip-grad", "clip_grad", lambda v: v > 0, "a maximum gradient norm > 0 (or leave it unset)"),
+    ("--max-steps-per-epoch", "max_steps_per_epoch", lambda v: v >= 1, "a positive number of batches"),
+    ("--num_workers", "num_workers", lambda v: v >= 0, "a number of loader processes >= 0"),
+]
+
+
+def check_numbers(args: argparse.Namespace) -> None:
+    """Raise :class:`ConfigError` naming the first numeric flag whose value cannot work, and what it must be."""
+    if not args.eval and args.epochs < 1:
+        raise ConfigError(f"--epochs {args.epochs}: the number of training epochs must be >= 1 (e.g. --epochs 300); "
+                          "to only evaluate, pass --eval.")
+    for flag, attr, ok, must in _NUMERIC_RULES:
+        value = getattr(args, attr, None)
+        if value is not None and not ok(value):
+            raise ConfigError(f"{flag} {value}: must be {must}.")
+
+
 def check_args(args: argparse.Namespace) -> None:
     """Reject bad flag combinations before any model or data is built."""
     require_wandb(args.wandb_project)
+    check_numbers(args)
     if args.dataset not in DATASETS:
         raise ConfigError(f"unknown dataset {args.dataset!r}; choose one of {', '.join(DATASETS)}.")
     validate_reduction(args.reduction_ratio, args.reduction_loc, args.linkage)
@@ -242,7 +277,8 @@ def build_optimizer(model: nn.Module, args: argparse.Namespace, lr: float) -> to
         return create_optimizer_v2(params, opt=args.opt, lr=lr, weight_decay=args.weight_decay,
                                    momentum=args.momentum, **kwargs)
     except (ValueError, AssertionError) as exc:
-        raise ConfigError(f"--opt {args.opt}: {exc}") from exc
+        reason = str(exc) or "timm rejected the optimiser settings (check --lr, --opt-eps, --opt-betas, --momentum)"
+        raise ConfigError(f"--opt {args.opt}: {reason}") from exc
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, args: argparse.Namespace, updates_per_epoch: int) -> Any:
@@ -255,7 +291,9 @@ def build_scheduler(optimizer: torch.optim.Optimizer, args: argparse.Namespace, 
             min_lr=args.min_lr, warmup_lr=args.warmup_lr, warmup_epochs=args.warmup_epochs,
             step_on_epochs=not args.sched_in_steps, updates_per_epoch=updates_per_epoch)
     except (ValueError, AssertionError) as exc:
-        raise ConfigError(f"--sched {args.sched}: {exc}") from exc
+        reason = str(exc) or ("timm rejected the schedule settings (check --epochs, --warmup-epochs, "
+                              "--decay-epochs, --cooldown-epochs)")
+        raise ConfigError(f"--sched {args.sched}: {reason}") from exc
     if sched is None:
         raise ConfigError(f"unknown --sched {args.sched!r}; use cosine, step, multistep, plateau, poly or tanh.")
     return sched

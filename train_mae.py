@@ -23,7 +23,8 @@ import torch.nn as nn
 
 from atc import distributed as D
 from atc.data import DATASETS, MULTILABEL_DATASETS
-from atc.engine import (LINKAGES, ConfigError, FitConfig, amp_dtype_for, build_loaders, count_parameters, evaluate,
+from atc.cluster import LINKAGES
+from atc.engine import (ConfigError, FitConfig, amp_dtype_for, build_loaders, count_parameters, evaluate,
                         find_resume, fit, load_for_resume, load_pretrained, parse_model_kwargs, run_cli)
 from atc.tracking import add_wandb_arguments, require_wandb
 
@@ -40,7 +41,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--r-sched", "--r_sched", default="constant", choices=["constant", "decrease"],
                    help="r per block: constant, or a linear ramp from 2r down to 0")
     g.add_argument("--merge_fn", default="atc", help=f"merging method: {'|'.join(MERGE_FNS)}")
-    g.add_argument("--linkage", default="average", help=f"ATC linkage: {'|'.join(LINKAGES)}")
+    g.add_argument("--linkage", default="average", help=f"ATC linkage: {'|'.join(sorted(LINKAGES))}")
     g = p.add_argument_group("MAE fine-tuning recipe")
     g.add_argument("--batch_size", "--batch-size", type=int, default=64, help="per-process batch size")
     g.add_argument("--epochs", type=int, default=50, help="total epochs")
@@ -129,13 +130,21 @@ def check_args(args: argparse.Namespace) -> None:
     if args.merge_fn not in MERGE_FNS:
         raise ConfigError(f"unknown --merge_fn {args.merge_fn!r}; choose one of {', '.join(MERGE_FNS)}.")
     if args.linkage not in LINKAGES:
-        raise ConfigError(f"unknown linkage {args.linkage!r}; choose one of {', '.join(LINKAGES)}.")
+        raise ConfigError(f"unknown linkage {args.linkage!r}; choose one of {', '.join(sorted(LINKAGES))}.")
     if args.r_count < 0:
         raise ConfigError("--r-count must be >= 0.")
     if args.dataset in MULTILABEL_DATASETS and (args.mixup > 0 or args.cutmix > 0):
         raise ConfigError(f"{args.dataset} is multi-label: pass --mixup 0 --cutmix 0.")
     if args.accum_iter < 1:
         raise ConfigError("--accum_iter must be >= 1.")
+    if args.epochs < 1:
+        raise ConfigError(f"--epochs {args.epochs}: the number of training epochs must be >= 1, e.g. --epochs 50.")
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch_size {args.batch_size}: must be a positive number of images per process.")
+    if not 0 <= args.warmup_epochs < args.epochs:
+        # the cosine phase lasts epochs - warmup_epochs (MAE's schedule), so it needs at least one epoch
+        raise ConfigError(f"--warmup_epochs {args.warmup_epochs}: must be in [0, --epochs) = [0, {args.epochs}), "
+                          "since the cosine decay runs over the epochs after the warm-up.")
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:

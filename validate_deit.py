@@ -21,7 +21,9 @@ import torch
 
 from atc import distributed as D
 from atc.data import DATASETS, MULTILABEL_DATASETS, build_dataset
-from atc.engine import (LINKAGES, ConfigError, ShardSampler, amp_dtype_for, build_classifier, count_parameters,
+from atc.checkpoint import CheckpointError, state_dict_from_checkpoint
+from atc.cluster import LINKAGES
+from atc.engine import (ConfigError, ShardSampler, amp_dtype_for, build_classifier, count_parameters,
                         evaluate, parse_model_kwargs, run_cli, usable_workers, validate_reduction)
 
 
@@ -50,7 +52,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--reduction_loc", type=int, nargs="+", default=None, help="0-indexed reduction blocks")
     g.add_argument("--reduction_ratio", "--keep_rate", dest="reduction_ratio", type=float, nargs="+", default=None,
                    help="keep rate(s) in (0, 1]")
-    g.add_argument("--linkage", default=None, help=f"ATC linkage: {'|'.join(LINKAGES)}")
+    g.add_argument("--linkage", default=None, help=f"ATC linkage: {'|'.join(sorted(LINKAGES))}")
     g.add_argument("--proportional_attn", action="store_true", default=None, help="proportional attention")
     g.add_argument("--no-proportional_attn", dest="proportional_attn", action="store_false",
                    help="no proportional attention")
@@ -104,14 +106,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                              keep_rate=kr[0] if len(kr) == 1 else list(kr), linkage=cfg["linkage"],
                              proportional_attn=bool(cfg["proportional_attn"]),
                              model_kwargs=parse_model_kwargs(cfg["model_kwargs"]))
-    if isinstance(ckpt, dict) and args.use_ema:
-        if ckpt.get("model_ema") is None:
-            raise ConfigError(f"--use-ema: '{path}' has no EMA weights.")
-        state = ckpt["model_ema"]
-    elif isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict):
-        state = ckpt["model"]
-    else:
-        state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else ckpt
+    try:  # the trained weights ('model'), or the EMA weights with --use-ema
+        state = state_dict_from_checkpoint(ckpt, use_ema=bool(args.use_ema), source=f"'{path}'")
+    except CheckpointError as exc:
+        raise ConfigError(f"--use-ema: {exc}." if args.use_ema else f"{exc}.") from None
     try:
         model.load_state_dict(state)
     except (RuntimeError, ValueError) as exc:

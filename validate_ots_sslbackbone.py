@@ -10,7 +10,8 @@
 
 Models: ``augreg`` = timm ViTs (``--model-name`` any timm ViT), ``mae`` = timm ViT with global average pooling
 (MAE fine-tuned checkpoints), ``swag`` = torchvision ``vit_b_16``/``vit_l_16``/``vit_h_14``. ToMe-style
-proportional attention is on for AugReg/SWAG and off for MAE (REFERENCE §3). Writes
+proportional attention is on for AugReg/SWAG and off for MAE (ToMe's recommended setting for MAE models,
+which were trained without it). Writes
 ``<results-dir>/<model>_<size>.csv`` (Model, Img_Size, r, Top-1, Top-5, Param, Merge_fn, Linkage, Tokens,
 Throughput) and a Top-1 vs r plot.
 """
@@ -29,6 +30,9 @@ SWAG_MODELS = ("vit_b_16", "vit_l_16", "vit_h_14")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from atc.cluster import LINKAGES
+    from atc.merge import MERGE_METHODS
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=None, help="dataset root (ImageNet: folder with val/<class>/<image>)")
     p.add_argument("--dataset", default="imagenet", help="dataset name for atc.data.build_dataset (imagenet, digits, ...)")
@@ -41,9 +45,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--input-size", type=int, default=224, help="square input side in pixels")
     p.add_argument("--r", type=int, nargs="+", default=[0, 8, 16], help="tokens removed per block, swept")
     p.add_argument("--r-sched", default="constant", choices=["constant", "decrease"], help="r schedule over blocks")
-    p.add_argument("--merge_fn", nargs="+", default=["atc"], choices=["atc", "tome", "kmedoids", "dpcknn"],
+    p.add_argument("--merge_fn", nargs="+", default=["atc"], choices=sorted(MERGE_METHODS),
                    help="reduction method(s), swept")
-    p.add_argument("--linkage", nargs="+", default=["average"], choices=["single", "complete", "average"],
+    p.add_argument("--linkage", nargs="+", default=["average"], choices=sorted(LINKAGES),
                    help="ATC linkage(s), swept (ignored by other methods)")
     p.add_argument("-b", "--batch-size", type=int, default=256, help="evaluation batch size")
     p.add_argument("--max-samples", type=int, default=None, help="evaluate only the first N images (quick runs)")
@@ -64,9 +68,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _checkpoint_classes(path: str) -> int | None:
-    from atc.models import _extract_state_dict
+    from atc.checkpoint import read_checkpoint, state_dict_from_checkpoint
 
-    sd = _extract_state_dict(torch.load(path, map_location="cpu", weights_only=False), path)
+    sd = state_dict_from_checkpoint(read_checkpoint(path), source=path)
     for key in ("head.weight", "heads.head.weight"):
         if key in sd:
             return int(sd[key].shape[0])
@@ -81,10 +85,9 @@ def build_model(args: argparse.Namespace, num_classes: int) -> torch.nn.Module:
         model = getattr(torchvision.models, args.model_name)(weights=None, image_size=args.input_size,
                                                               num_classes=num_classes)
         if args.checkpoint:
-            from atc.models import CheckpointError, _extract_state_dict
+            from atc.checkpoint import CheckpointError, read_checkpoint, state_dict_from_checkpoint
 
-            sd = _extract_state_dict(torch.load(args.checkpoint, map_location="cpu", weights_only=False),
-                                     args.checkpoint)
+            sd = state_dict_from_checkpoint(read_checkpoint(args.checkpoint), source=args.checkpoint)
             res = model.load_state_dict(sd, strict=False)
             if res.missing_keys or res.unexpected_keys:
                 raise CheckpointError(f"{args.checkpoint} does not fit torchvision {args.model_name}: missing "

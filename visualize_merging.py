@@ -19,6 +19,9 @@ import torch
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from atc.cluster import LINKAGES
+    from atc.merge import MERGE_METHODS
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--image", help="image file (jpg, png, ...)")
@@ -28,9 +31,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--input-size", type=int, default=224, help="square input side in pixels")
     p.add_argument("--r", type=int, default=16, help="tokens removed per block")
     p.add_argument("--r-sched", default="constant", choices=["constant", "decrease"], help="r schedule")
-    p.add_argument("--merge_fn", nargs="+", default=["atc", "tome"], choices=["atc", "tome", "kmedoids", "dpcknn"],
+    p.add_argument("--merge_fn", nargs="+", default=["atc", "tome"], choices=sorted(MERGE_METHODS),
                    help="methods, one panel each (ATC: one per linkage)")
-    p.add_argument("--linkage", nargs="+", default=["average"], choices=["single", "complete", "average"],
+    p.add_argument("--linkage", nargs="+", default=["average"], choices=sorted(LINKAGES),
                    help="ATC linkages")
     p.add_argument("--output", default="output/merges.png", help="PNG to write")
     args = p.parse_args(argv)

@@ -22,7 +22,12 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-METHODS = ("none", "tome", "single", "complete", "average", "svit")
+
+def _methods() -> list[str]:
+    """``--methods`` choices: none, ToMe, each ATC linkage (:data:`atc.cluster.LINKAGES`), and SViT pruning."""
+    from atc.cluster import LINKAGES
+
+    return ["none", "tome", *sorted(LINKAGES), "svit"]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -34,7 +39,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "use vit-adapter-s-3x.py for S)")
     p.add_argument("--cfg-options", nargs="+", action=DictAction, default={},
                    help="override config keys, e.g. model.backbone.embed_dim=384")
-    p.add_argument("--methods", nargs="+", default=["none", "tome", "average"], choices=METHODS,
+    p.add_argument("--methods", nargs="+", default=["none", "tome", "average"], choices=_methods(),
                    help="none = no reduction; tome or an ATC linkage (single|complete|average) = merging at the "
                         "reduction locations; svit = dynamic pruning baseline (keep_ratio = the ratio)")
     p.add_argument("--reduction_ratio", "--keep_rate", dest="reduction_ratio", type=float, nargs="+", default=[0.7],
@@ -87,10 +92,12 @@ def _model_cfg(cfg, method: str, keep: float, size: int) -> dict:
     if method == "none":
         backbone["reduction_ratio"] = None
     elif method == "svit":
-        backbone = {k: v for k, v in backbone.items() if k not in ("reduction_ratio", "linkage")}
+        backbone = {k: v for k, v in backbone.items() if k not in ("reduction_ratio", "linkage", "method")}
         backbone.update(type="SViTAdapter", keep_ratio=keep)
     else:
-        backbone.update(reduction_ratio=keep, linkage=method)
+        backbone.pop("linkage", None)  # a config's linkage='tome' (published spelling) would contradict method
+        backbone.update(reduction_ratio=keep, **({"method": "tome"} if method == "tome" else
+                                                {"method": "atc", "linkage": method}))
     model["backbone"] = backbone
     model["min_size"] = model["max_size"] = size  # run the detector at exactly --input-size
     return model

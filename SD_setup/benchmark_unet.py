@@ -36,16 +36,19 @@ CONFIGS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from atc.cluster import LINKAGES
+    from atc.patch.diffusers_unet import METHODS as DIFFUSERS_METHODS
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="sd15",
                    help=f"UNet config: one of {list(CONFIGS)} or a path to a config.json / UNet folder")
     p.add_argument("--latent_size", type=int, default=64, help="latent height and width (64 = 512px images)")
     p.add_argument("--batch_size", type=int, default=2, help="UNet batch (2 = one image with CFG)")
-    p.add_argument("--methods", nargs="+", default=["none", "tome", "atc"], choices=["none", "tome", "atc"],
+    p.add_argument("--methods", nargs="+", default=["none", "tome", "atc"], choices=["none", *DIFFUSERS_METHODS],
                    help="reduction methods to time")
     p.add_argument("--ratios", nargs="+", type=float, default=[0.5], help="fractions of tokens removed")
     p.add_argument("--max_downsample", type=int, default=1, help="reduce only where downsampling <= this")
-    p.add_argument("--linkage", default="average", choices=["single", "complete", "average"], help="ATC linkage")
+    p.add_argument("--linkage", default="average", choices=sorted(LINKAGES), help="ATC linkage")
     p.add_argument("--backend", default="auto",
                    help="ATC clustering backend: 'auto' (the best one for --device) or a name from "
                         "atc.cluster.available_backends()")

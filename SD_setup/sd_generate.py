@@ -33,6 +33,9 @@ IMAGE_AFFECTING = (
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from atc.cluster import LINKAGES
+    from atc.patch.diffusers_unet import METHODS as DIFFUSERS_METHODS
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True,
                    help="local diffusers pipeline folder (with model_index.json), e.g. a saved SD 1.5/2.1/SDXL; "
@@ -44,11 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--classes", nargs="+", default=None,
                    help="subset of ImageNet classes: indices, ranges (0-9), WordNet ids or names (default: all 1000)")
-    p.add_argument("--merge_fn_str", default="none", choices=["none", "atc", "tome"],
+    p.add_argument("--merge_fn_str", default="none", choices=["none", *DIFFUSERS_METHODS],
                    help="token reduction: none, atc (agglomerative clustering) or tome (ToMe-SD)")
     p.add_argument("--reduction_ratio", type=float, default=0.5,
                    help="fraction of the tokens REMOVED in each reduced block (0.1 keeps 90%%)")
-    p.add_argument("--linkage", default="average", choices=["single", "complete", "average"],
+    p.add_argument("--linkage", default="average", choices=sorted(LINKAGES),
                    help="ATC linkage function")
     p.add_argument("--backend", default="auto", help="ATC clustering backend (auto, numba, torch, scipy, ...)")
     p.add_argument("--max_downsample", type=int, default=1,

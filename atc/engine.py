@@ -27,6 +27,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from atc import distributed as D
+from atc.cluster import LINKAGES
+from atc.merge import validate_keep_rate
 from atc.utils import atomic_save, atomic_write_text
 
 if TYPE_CHECKING:
@@ -41,7 +43,6 @@ __all__ = [
 
 # Registered model families (atc.models) that take token-reduction kwargs.
 REDUCTION_PREFIXES = ("atc_", "tome_", "kmedoids_", "dpcknn_")
-LINKAGES = ("single", "complete", "average")
 
 
 class ConfigError(ValueError):
@@ -72,11 +73,13 @@ def validate_reduction(keep_rate: float | Sequence[float] | None, reduction_loc:
     """Check reduction flags; raise :class:`ConfigError` with the fix. ``depth`` = number of blocks if known."""
     rates = keep_rate if isinstance(keep_rate, (list, tuple)) else [keep_rate]
     for kr in rates:
-        if kr is not None and not (0.0 < float(kr) <= 1.0):
-            raise ConfigError(f"keep rate {kr} is outside (0, 1]: --reduction_ratio/--keep_rate is the fraction "
-                              "of tokens kept at each reduction location, e.g. 0.9.")
+        if kr is not None:
+            try:
+                validate_keep_rate(kr, "--reduction_ratio/--keep_rate")
+            except ValueError as exc:
+                raise ConfigError(f"{exc}.") from None
     if linkage is not None and linkage not in LINKAGES:
-        raise ConfigError(f"unknown linkage {linkage!r}; choose one of {', '.join(LINKAGES)}.")
+        raise ConfigError(f"unknown linkage {linkage!r}; choose one of {', '.join(sorted(LINKAGES))}.")
     for loc in reduction_loc or []:
         if loc < 0 or (depth is not None and loc >= depth):
             raise ConfigError(f"reduction location {loc} is outside the model's blocks 0..{(depth or 1) - 1} "
@@ -149,34 +152,27 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in unwrap(model).parameters())
 
 
-def _state_dict_from(obj: Any) -> dict[str, Tensor]:
-    if isinstance(obj, dict):
-        for key in ("model", "state_dict", "model_ema"):
-            if key in obj and isinstance(obj[key], dict):
-                return obj[key]
-    return obj
-
-
 def load_pretrained(model: nn.Module, path: str | os.PathLike, *, interpolate_pos: bool = True,
-                    drop_mismatched_head: bool = True) -> list[str]:
+                    drop_mismatched_head: bool = True, use_ema: bool | None = None) -> list[str]:
     """Load weights for fine-tuning (DeiT's ``--finetune``): the position embedding is resampled (bicubic) to the
     model's grid, and a classifier head of a different shape is dropped. Returns the missing keys.
 
+    The weights are picked from the file by :func:`atc.checkpoint.state_dict_from_checkpoint` (the EMA weights
+    of a ``best_checkpoint.pth`` whose ``ema_best`` is set, else ``model``, ...; ``use_ema`` as there).
     Raises :class:`ConfigError` if the file is missing or its weights do not fit the architecture.
     """
-    from timm.layers import resample_abs_pos_embed
+    from atc.checkpoint import CheckpointError, read_checkpoint, resample_pos_embed, state_dict_from_checkpoint
 
     if not Path(path).is_file():
         raise ConfigError(f"checkpoint '{path}' does not exist.")
-    state = dict(_state_dict_from(torch.load(path, map_location="cpu", weights_only=False)))
+    try:
+        state = dict(state_dict_from_checkpoint(read_checkpoint(path), use_ema=use_ema, source=str(path)))
+    except CheckpointError as exc:
+        raise ConfigError(str(exc)) from None
     own = model.state_dict()
-    pos_differs = "pos_embed" in state and "pos_embed" in own and state["pos_embed"].shape != own["pos_embed"].shape
-    if interpolate_pos and pos_differs:
-        npt = 0 if getattr(model, "no_embed_class", False) else getattr(model, "num_prefix_tokens", 1)
-        old_grid = int(math.sqrt(state["pos_embed"].shape[1] - npt))
-        state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], new_size=model.patch_embed.grid_size,
-                                                    old_size=(old_grid, old_grid), num_prefix_tokens=npt,
-                                                    interpolation="bicubic", antialias=False, verbose=False)
+    if interpolate_pos:
+        # DeiT's fine-tuning rule: plain bicubic, no antialiasing when shrinking
+        resample_pos_embed(model, state, antialias=False)
     if drop_mismatched_head:
         for key in [k for k in state if k.startswith(("head.", "head_dist."))]:
             if key in own and state[key].shape != own[key].shape:

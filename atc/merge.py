@@ -41,6 +41,7 @@ __all__ = [
     "MERGE_METHODS",
     "merge_by_method",
     "max_removable",
+    "validate_keep_rate",
     "atc_merge",
     "bipartite_soft_matching",
     "kmedoids",
@@ -462,6 +463,24 @@ MERGE_METHODS: dict[str, MergeMethod] = {
     "kmedoids": kmedoids,
     "dpcknn": dpc_knn,
 }
+
+
+def validate_keep_rate(keep_rate: float, name: str = "keep_rate") -> float:
+    """Return ``keep_rate`` as a float, or raise ``ValueError`` naming ``name`` if it is not in ``(0, 1]``.
+
+    A keep rate is the fraction of tokens kept at one reduction location (``0.9`` keeps 90%). This is the one
+    check every entry point (CLIs, registered models, the detection backbone) applies, so they agree on the
+    range and the wording.
+    """
+    try:
+        value = float(keep_rate)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} {keep_rate!r} is not a number: it is the fraction of tokens kept at each "
+                         "reduction location, in (0, 1], e.g. 0.9") from None
+    if not 0.0 < value <= 1.0:  # also rejects NaN
+        raise ValueError(f"{name} {keep_rate} is outside (0, 1]: it is the fraction of tokens kept at each "
+                         "reduction location, e.g. 0.9")
+    return value
 
 
 def max_removable(method: str, num_tokens: int, protected_tokens: int = 1) -> int:

@@ -9,7 +9,8 @@ Importing this module (``import atc`` does it) registers the names with timm:
 
 Each is timm's DeiT (``VisionTransformer``, or ``VisionTransformerDistilled`` for ``_distilled``) patched with
 :func:`atc.patch.timm` and a :class:`~atc.patch.common.KeepRateSchedule`: after reduction location ``idx``
-``int(N_patches * keep_rate^(idx+1))`` patch tokens remain (REFERENCE §2), whatever the input size.
+``int(N_patches * keep_rate^(idx+1))`` patch tokens remain (the keep rate compounds over the
+locations), whatever the input size.
 
 They compute what the published models of the same names compute (tests/test_fidelity.py): proportional
 attention on by default for ``atc``/``tome`` and off for ``kmedoids``/``dpcknn`` (plain blocks, as published),
@@ -20,12 +21,12 @@ ToMe's published token layout, and DPC-KNN's learned token scores under the publ
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 from torch import nn
 
+from atc.checkpoint import CheckpointError, read_checkpoint, resample_pos_embed, state_dict_from_checkpoint
 from atc.patch.common import KeepRateSchedule, check_options, patched_class
 
 __all__ = ["load_checkpoint", "MODEL_NAMES", "CheckpointError"]
@@ -37,10 +38,6 @@ _SIZES = {
 }
 _METHODS = ("atc", "tome", "kmedoids", "dpcknn")
 MODEL_NAMES: list[str] = []
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded into the model (missing file, other architecture)."""
 
 
 def _build(
@@ -152,64 +149,33 @@ def _register() -> None:
 # --------------------------------------------------------------------------------------------------------------
 # Checkpoints
 # --------------------------------------------------------------------------------------------------------------
-def _extract_state_dict(checkpoint: Any, path: str) -> dict[str, torch.Tensor]:
-    """The model weights in a timm/DeiT state dict, a ``{"state_dict": ...}`` file or the paper's format."""
-    if not isinstance(checkpoint, dict):
-        raise CheckpointError(f"{path}: expected a state dict or a dict with 'model', got {type(checkpoint).__name__}")
-    if "model" in checkpoint and isinstance(checkpoint["model"], dict):
-        # the paper's best_checkpoint.pth keeps the EMA weights when they evaluated better (ema_best)
-        if checkpoint.get("ema_best") and isinstance(checkpoint.get("model_ema"), dict):
-            return checkpoint["model_ema"]
-        return checkpoint["model"]
-    for key in ("state_dict", "model_state_dict"):
-        if isinstance(checkpoint.get(key), dict):
-            return checkpoint[key]
-    return checkpoint
-
-
-def _adapt_pos_embed(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
-    from timm.layers import resample_abs_pos_embed
-
-    pe = state_dict.get("pos_embed")
-    target = getattr(model, "pos_embed", None)
-    if pe is None or target is None or pe.shape == target.shape:
-        return
-    prefix = 0 if getattr(model, "no_embed_class", False) else model.num_prefix_tokens
-    if pe.shape[1] - prefix <= 0 or pe.shape[-1] != target.shape[-1]:
-        return  # a genuine mismatch: reported by the key check
-    state_dict["pos_embed"] = resample_abs_pos_embed(
-        pe, new_size=list(model.patch_embed.grid_size), num_prefix_tokens=prefix
-    )
-
-
-def load_checkpoint(model: nn.Module, path: str | os.PathLike[str], strict_head: bool = True) -> nn.Module:
+def load_checkpoint(model: nn.Module, path: str | os.PathLike[str], strict_head: bool = True, *,
+                    use_ema: bool | None = None, drop_mismatched_head: bool | None = None) -> nn.Module:
     """Load local weights into ``model`` (a registered model or any timm ViT), in place.
 
-    Accepts a plain timm/DeiT state dict, ``{"state_dict": ...}``, or the paper's checkpoint
-    (``model``, ``model_ema``, ``ema_best``: the EMA weights are used when ``ema_best`` is true). The position
-    embedding is resampled (bicubic) when the checkpoint was trained at another input size. Parameters the
-    patch adds (DPC-KNN's token scores: ``cluster_layers.N.score`` in the registered models, as published,
-    ``blocks.N.atc_token_score`` in other patched models) may be absent. ``strict_head=False`` skips classifier weights of
-    another class count (fine-tuning on a new dataset).
+    Accepts every layout :func:`atc.checkpoint.state_dict_from_checkpoint` reads (a plain timm/DeiT state dict,
+    ``{"state_dict": ...}``, or the paper's checkpoint with ``model``/``model_ema``/``ema_best``), with its
+    priority and ``use_ema``. The position embedding is resampled (bicubic) when the checkpoint was trained at
+    another input size. Parameters the patch adds (DPC-KNN's token scores: ``cluster_layers.N.score`` in the
+    registered models, as published, ``blocks.N.atc_token_score`` in other patched models) may be absent.
+    ``drop_mismatched_head=True`` (or the older ``strict_head=False``) skips classifier weights of another class
+    count (fine-tuning on a new dataset).
 
     Raises:
         CheckpointError: missing file, or keys/shapes that do not match (all mismatches are listed).
     """
+    if drop_mismatched_head is not None:
+        strict_head = not drop_mismatched_head
     path = str(path)
-    if not Path(path).is_file():
-        raise CheckpointError(f"checkpoint file not found: {path} (pass a local .pth file)")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # the paper's files also store argparse args: trusted local file, full unpickling
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    state_dict = dict(_extract_state_dict(checkpoint, path))
+    checkpoint = read_checkpoint(path)
+    state_dict = dict(state_dict_from_checkpoint(checkpoint, use_ema=use_ema, source=path))
     return _check_and_load(model, state_dict, path, strict_head)
 
 
 def _check_and_load(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str,
                     strict_head: bool = True) -> nn.Module:
     state_dict = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state_dict.items()}
-    _adapt_pos_embed(model, state_dict)
+    resample_pos_embed(model, state_dict)
     own = model.state_dict()
     head_keys = {k for k in own if k.startswith(("head.", "head_dist."))}
     # DPC-KNN's token scores are new when fine-tuning from DeiT weights (the published code lists them as

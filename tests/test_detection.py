@@ -45,8 +45,8 @@ def _backbone(**kw) -> ViTAdapter:
 
 
 def _expected_counts(tokens: int, keep: float) -> list[int]:
-    """REFERENCE §3 (dense prediction): keep ``keep`` of the *current* tokens at each of 3 locations (a cluster
-    count cannot drop below 1)."""
+    """The dense-prediction rule, computed independently: keep ``keep`` of the *current* tokens (not of the
+    initial grid) at each of 3 locations, truncating, and never fewer than 1 cluster."""
     out = []
     for _ in range(3):
         tokens = max(1, int(tokens * keep))

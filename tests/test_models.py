@@ -1,4 +1,5 @@
-"""Registered models: keep-rate token counts (REFERENCE §2), validation, checkpoints, DeiT equivalence."""
+"""Registered models: keep-rate token counts (``int(N * keep_rate ** (idx + 1))`` after location ``idx``),
+validation, checkpoints, DeiT equivalence."""
 
 from __future__ import annotations
 

@@ -201,7 +201,8 @@ def test_train_mae_with_layer_decay(tmp_path):
     ("tome", "decrease", [17 - 6, 17 - 6 - 4, 17 - 6 - 4 - 2, 17 - 6 - 4 - 2]),
 ])
 def test_mae_model_merges_exactly_r_tokens_per_block(merge_fn, sched, expected):
-    """--r-count/--r-sched/--merge_fn: exactly r tokens removed per block (REFERENCE §4 defect 3), MAE global
+    """--r-count/--r-sched/--merge_fn: exactly r tokens removed per block (checked block by
+    block: removing fewer than asked would silently change the experiment), MAE global
     pooling (fc_norm, no second final norm), and the r=0 model equals the unpatched timm model."""
     import argparse
 
@@ -229,3 +230,34 @@ def test_mae_model_merges_exactly_r_tokens_per_block(merge_fn, sched, expected):
                                   embed_dim=32, depth=4, num_heads=2, patch_size=8).eval()
     with torch.no_grad():
         assert torch.allclose(unreduced(x), reference(x), atol=1e-6)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--model", "atc_small_patch16_224", "--epochs", "-3"], "--epochs -3: the number of training epochs must be >= 1"),
+    (["--epochs", "0"], "--epochs 0"),
+    (["--batch-size", "0"], "--batch-size 0: must be"),
+    (["--warmup-epochs", "-1"], "--warmup-epochs -1: must be"),
+    (["--decay-epochs", "0"], "--decay-epochs 0.0: must be"),
+    (["--lr", "-0.1"], "--lr -0.1: must be"),
+    (["--drop-path", "1.5"], "--drop-path 1.5: must be"),
+    (["--clip-grad", "0"], "--clip-grad 0.0: must be"),
+    (["--max-steps-per-epoch", "0"], "--max-steps-per-epoch 0: must be"),
+])
+def test_bad_numbers_name_the_flag(flags, message, capsys):
+    """Numeric flags that cannot work fail before anything is built, naming the flag and the valid range
+    (``--epochs -3`` used to stop inside timm's scheduler with ``error: --sched cosine: `` and no reason)."""
+    train_deit = _load("train_deit")
+    assert train_deit.cli(["--dataset", "digits", "--num_workers", "0", *flags]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.strip() != "error: --sched cosine:"
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--epochs", "-3"], "--epochs -3"),
+    (["--epochs", "2", "--warmup_epochs", "2"], "--warmup_epochs 2: must be in [0, --epochs)"),
+    (["--batch_size", "0"], "--batch_size 0"),
+])
+def test_train_mae_bad_numbers_name_the_flag(flags, message, capsys):
+    train_mae = _load("train_mae")
+    assert train_mae.cli(["--dataset", "digits", "--num_workers", "0", *flags]) == 2
+    assert message in capsys.readouterr().err

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from atc import distributed as D
+from atc.checkpoint import CheckpointError, read_checkpoint, state_dict_from_checkpoint
 from atc.detection.coco import CocoInstances, coco_evaluate, collate, to_coco_results
 from atc.detection.detector import build_detector
 from atc.detection.vit_adapter import vit_state_dict_for_adapter
@@ -63,15 +64,15 @@ def build_model(cfg: Any, load_pretrained: bool = False) -> torch.nn.Module:
 
 
 def _load(path: str | os.PathLike, what: str) -> tuple[Any, dict[str, Any]]:
-    """``(checkpoint, state_dict)`` of a local file (``model``/``state_dict`` entry or a bare state dict)."""
+    """``(checkpoint, state_dict)`` of a local file, weights picked by :mod:`atc.checkpoint`'s rule."""
     if not Path(path).is_file():
         raise ConfigError(f"{what} '{path}' not found (only local files are used; nothing is downloaded)")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file: say which and why
-        raise ConfigError(f"cannot read {what} '{path}': {exc}") from exc
-    state = ckpt.get("model", ckpt.get("state_dict", ckpt)) if isinstance(ckpt, dict) else None
-    if not isinstance(state, dict) or not state:
+        ckpt = read_checkpoint(path, what)
+        state = state_dict_from_checkpoint(ckpt, source=f"{what} '{path}'")
+    except CheckpointError as exc:
+        raise ConfigError(str(exc)) from exc
+    if not state:
         raise ConfigError(f"{what} '{path}' holds no state dict")
     return ckpt, state
 
@@ -227,7 +228,8 @@ def run_description(cfg: Any) -> dict[str, Any]:
     elif keep is None:
         method = "none"
     else:
-        method = "tome" if backbone.get("linkage") == "tome" else "atc"
+        # linkage='tome' is the published configs' spelling of method='tome' (see ViTAdapter)
+        method = "tome" if backbone.get("linkage") == "tome" else backbone.get("method", "atc")
     return {"backbone": kind, "method": method, "linkage": backbone.get("linkage"),
             "keep_rate": 1.0 if keep is None else keep, "reduction_loc": backbone.get("reduction_loc"),
             "proportional_attn": backbone.get("proportional_attn"), "seed": int(cfg.get("seed", 0))}

@@ -5,8 +5,8 @@ Per pruning block a selector ``LayerNorm -> Mlp(C, C/4, 2) -> LogSoftmax`` decid
 processes. Training: hard Gumbel-softmax (tau=1) decisions, unselected tokens are masked out of the attention
 keys and copied through; ratio loss ``4 * mean over blocks of (mean(s) - keep)^2``. Inference: only the selected
 tokens run through the block; the rest are copied, so the full grid is always kept for the adapter.
-Keep targets (REFERENCE §1): ``[.7,.7,.7,.49,.49,.49,.343,.343,.343]`` on blocks 3-11, i.e.
-``keep_ratio ** stage``.
+Keep targets: ``[.7,.7,.7,.49,.49,.49,.343,.343,.343]`` on blocks 3-11, i.e. ``keep_ratio ** stage``, so the
+kept fraction compounds stage by stage, like the merging backbones' keep rate.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from atc.detection.vit_adapter import Block, Mlp, ViTAdapter
+from atc.merge import validate_keep_rate
 
 __all__ = ["SViTBlock", "SViTAdapter", "svit_keep_ratios"]
 
@@ -75,8 +76,8 @@ class SViTAdapter(ViTAdapter):
             raise ValueError("SViTAdapter prunes dynamically with keep_ratio (targets keep_ratio**stage); "
                              "set model.backbone.keep_ratio instead of reduction_ratio")
         kw.pop("linkage", None)  # inherited from the merging configs; SViT has no clustering
-        if not 0 < keep_ratio <= 1:
-            raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio}")
+        kw.pop("method", None)
+        validate_keep_rate(keep_ratio, "keep_ratio")
         super().__init__(reduction_ratio=None, **kw)
         self.keep_ratio, self.ratio_loss_weight = keep_ratio, float(ratio_loss_weight)
         for i, target in svit_keep_ratios(keep_ratio, prune_start, len(self.blocks)).items():

@@ -24,12 +24,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from atc.detection.ms_deform_attn import MSDeformAttn
-from atc.merge import LAYOUTS, Merge, identity_merge, max_removable, merge_by_method, proportional_attention_bias
+from atc.cluster import LINKAGES
+from atc.merge import (LAYOUTS, MERGE_METHODS, Merge, identity_merge, max_removable, merge_by_method,
+                       proportional_attention_bias, validate_keep_rate)
 
-__all__ = ["ViTAdapter", "Block", "LINKAGES", "planned_token_counts", "vit_adapter_tiny", "vit_adapter_small",
+__all__ = ["ViTAdapter", "Block", "planned_token_counts", "vit_adapter_tiny", "vit_adapter_small",
            "load_vit_weights", "vit_state_dict_for_adapter"]
 
-LINKAGES = ("tome", "single", "complete", "average")
 #: How the ViT tokens join the output pyramid (see the module docstring).
 VIT_FEATURES = ("final", "per_stage")
 
@@ -105,10 +106,10 @@ class Block(nn.Module):
         if self.keep_rate is not None and merge is not None:
             t = x.shape[1]
             r = t - max(1, int(t * self.keep_rate))
-            if self.method == "tome":  # keep >= 0.5 is checked up front; an odd count at 0.5 keeps one more token
-                r = min(r, max_removable(self.method, t, 0))
+            # ToMe's cap (half the tokens) is checked up front for keep < 0.5; an odd count at 0.5 keeps one more
+            r = min(r, max_removable(self.method, t, 0))
             # ToMe without a class token: unmerged sources in score order with the published layout
-            options = {"layout": self.layout} if self.method == "tome" else {"linkage": self.linkage}
+            options = {"linkage": self.linkage} if self.method == "atc" else {"layout": self.layout}
             step = merge_by_method(self.method, metric.float(), r, protected_tokens=0, **options)
             x, size = step.merge_wavg(x, size)
             merge = merge.then(step)
@@ -219,7 +220,10 @@ class ViTAdapter(nn.Module):
         interaction_indexes: ``[[start, end], ...]`` block ranges of the interaction stages.
         reduction_ratio: keep fraction of the current tokens at each of ``reduction_loc`` (``None`` = no
             reduction; ``1.0`` runs the reduction code path but keeps every token).
-        linkage: ``tome`` (bipartite soft matching) or an ATC linkage ``single|complete|average``.
+        method: the reduction method, a key of :data:`atc.merge.MERGE_METHODS` (``atc``, ``tome``, ...).
+        linkage: the ATC linkage, a key of :data:`atc.cluster.LINKAGES` (``single|complete|average``). The
+            published configs select ToMe with ``linkage='tome'``; that spelling is accepted and means
+            ``method='tome'``.
         proportional_attn: add ``log(size)`` to the attention logits of merged tokens.
         layout: token order after a ToMe merge (:data:`atc.merge.LAYOUTS`): ``published`` (ToMe's layout, as the
             published adapter) or ``spatial``.
@@ -242,7 +246,7 @@ class ViTAdapter(nn.Module):
                  conv_inplane: int = 64, n_points: int = 4, deform_num_heads: int = 6, deform_ratio: float = 1.0,
                  cffn_ratio: float = 0.25, init_values: float = 0.0,
                  interaction_indexes: Sequence[Sequence[int]] = ((0, 2), (3, 5), (6, 8), (9, 11)),
-                 reduction_ratio: float | None = None, linkage: str = "average",
+                 reduction_ratio: float | None = None, method: str = "atc", linkage: str = "average",
                  reduction_loc: Sequence[int] = (3, 6, 9), proportional_attn: bool = True, norm: str = "bn",
                  layout: str = "published", vit_features: str = "final",
                  use_extra_extractor: bool = True, pretrained: str | None = None, layer_scale: bool = False,
@@ -261,13 +265,20 @@ class ViTAdapter(nn.Module):
             raise ValueError(f"unknown vit_features {vit_features!r}: choose one of {', '.join(VIT_FEATURES)}")
         if layout not in LAYOUTS:
             raise ValueError(f"unknown layout {layout!r}: choose one of {', '.join(LAYOUTS)}")
+        if linkage == "tome":  # the published configs' spelling of method='tome'
+            if method not in ("atc", "tome"):
+                raise ValueError(f"linkage='tome' (the published spelling of method='tome') contradicts "
+                                 f"method={method!r}: set method='tome' and an ATC linkage, or drop linkage")
+            method, linkage = "tome", "average"
+        if method not in MERGE_METHODS:
+            raise ValueError(f"unknown method {method!r}: choose one of {', '.join(sorted(MERGE_METHODS))}")
         if linkage not in LINKAGES:
-            raise ValueError(f"unknown linkage {linkage!r}: choose one of {', '.join(LINKAGES)}")
-        if reduction_ratio is not None and not 0 < float(reduction_ratio) <= 1:
-            raise ValueError(f"reduction_ratio is the keep fraction of the tokens and must be in (0, 1], "
-                             f"got {reduction_ratio}")
-        if reduction_ratio is not None and linkage == "tome" and float(reduction_ratio) < 0.5:
-            raise ValueError(f"ToMe (linkage='tome') can remove at most half the tokens per location, so keep "
+            raise ValueError(f"unknown linkage {linkage!r}: choose one of {', '.join(sorted(LINKAGES))} "
+                             f"(or method='tome' for ToMe)")
+        if reduction_ratio is not None:
+            validate_keep_rate(reduction_ratio, "reduction_ratio (the keep fraction)")
+        if reduction_ratio is not None and method == "tome" and float(reduction_ratio) < 0.5:
+            raise ValueError(f"ToMe (method='tome') can remove at most half the tokens per location, so keep "
                              f"fraction {reduction_ratio} < 0.5 is impossible: use an ATC linkage "
                              f"(single|complete|average) or reduction_ratio >= 0.5")
         idx = [list(map(int, p)) for p in interaction_indexes]
@@ -277,7 +288,8 @@ class ViTAdapter(nn.Module):
             raise ValueError(f"reduction_loc {list(reduction_loc)} must be block indexes in [0, {depth})")
         self.embed_dim, self.patch_size, self.interaction_indexes = embed_dim, patch_size, idx
         self.reduction_ratio = None if reduction_ratio is None else float(reduction_ratio)
-        self.linkage, self.reduction_loc = linkage, tuple(int(i) for i in reduction_loc)
+        self.method, self.linkage = method, linkage
+        self.reduction_loc = tuple(int(i) for i in reduction_loc)
         self.vit_features = vit_features
         self.pretrain_grid = pretrain_size // patch_size
         self.patch_embed = nn.Conv2d(3, embed_dim, patch_size, patch_size)
@@ -289,7 +301,7 @@ class ViTAdapter(nn.Module):
             for loc in self.reduction_loc:
                 blk = self.blocks[loc]
                 blk.keep_rate = self.reduction_ratio
-                blk.method = "tome" if linkage == "tome" else "atc"
+                blk.method = method
                 blk.linkage = linkage
         for blk in self.blocks:
             blk.proportional_attn, blk.layout = proportional_attn, layout
@@ -402,8 +414,12 @@ def load_vit_weights(adapter: ViTAdapter, path: str) -> int:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"pretrained ViT checkpoint '{path}' not found (only local files are used; put "
                                 f"the DeiT weights there or set model.backbone.pretrained=None)")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    state = ckpt.get("model", ckpt.get("state_dict", ckpt)) if isinstance(ckpt, dict) else None
+    from atc.checkpoint import CheckpointError, read_checkpoint, state_dict_from_checkpoint
+
+    try:
+        state = state_dict_from_checkpoint(read_checkpoint(path, "pretrained ViT checkpoint"), source=path)
+    except CheckpointError as exc:
+        raise ValueError(str(exc)) from exc
     fit = vit_state_dict_for_adapter(state, adapter) if isinstance(state, dict) else {}
     if not any(k.startswith("blocks.") for k in fit):
         raise ValueError(f"'{path}' holds no ViT weights that fit this backbone (embed_dim {adapter.embed_dim}, "

@@ -13,15 +13,14 @@ one patched class (:func:`patched_class`), so a compiled model compiles each blo
 
 - an ``int``: remove that many tokens in every block,
 - a per-block ``list``/``tuple`` of ints (length = number of blocks),
-- ``(r, "constant" | "decrease")``: the off-the-shelf/MAE schedules (REFERENCE §2; ``decrease`` ramps
-  linearly from ``2r`` down to ``0``),
+- ``(r, "constant" | "decrease")``: the schedules of the paper's off-the-shelf and MAE experiments
+  (``decrease`` ramps linearly from ``2r`` down to ``0``, as ToMe's published ``r`` schedules do),
 - a :class:`KeepRateSchedule` (what the registered ``atc_*``/``tome_*`` models use): keep
   ``int(N_patches * keep_rate^(idx+1))`` unprotected tokens after reduction location ``idx``.
 """
 
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple, Sequence
@@ -30,7 +29,8 @@ import torch
 from torch import Tensor, nn
 
 from atc.cluster import validate_linkage
-from atc.merge import LAYOUTS, MERGE_METHODS, Merge, init_token_map, max_removable, merge_by_method
+from atc.merge import (LAYOUTS, MERGE_METHODS, Merge, init_token_map, max_removable, merge_by_method,
+                       validate_keep_rate)
 
 __all__ = [
     "METRICS",
@@ -53,7 +53,8 @@ __all__ = [
 #: (keys is the paper's choice), or the block input ``x``.
 METRICS = ("keys", "queries", "values", "x")
 
-#: Methods that run *before* a block on its input (REFERENCE §1); the others merge inside the block.
+#: Methods that run *before* a block on its input, as the published K-Medoids/DPC-KNN models place them (they
+#: weight tokens by the attention received in the previous block); the others merge inside the block.
 PRE_BLOCK_METHODS = ("kmedoids", "dpcknn")
 
 
@@ -77,15 +78,13 @@ class KeepRateSchedule:
         bad = [v for v in locs if not 0 <= v < depth]
         if bad:
             raise ValueError(f"reduction_loc {bad} outside the model's {depth} blocks (valid: 0..{depth - 1})")
-        rates = [float(keep_rate)] * len(locs) if isinstance(keep_rate, (int, float)) else [float(v) for v in keep_rate]
+        rates = [keep_rate] * len(locs) if isinstance(keep_rate, (int, float)) else list(keep_rate)
         if len(rates) != len(locs):
             raise ValueError(
                 f"keep_rate has {len(rates)} values but reduction_loc has {len(locs)} locations: give one "
                 f"keep rate or one per location"
             )
-        for v in rates:
-            if not (0.0 < v <= 1.0) or math.isnan(v):
-                raise ValueError(f"keep_rate must be in (0, 1] (fraction of tokens kept), got {v}")
+        rates = [validate_keep_rate(v) for v in rates]
         return KeepRateSchedule(tuple(locs), tuple(rates))
 
     def kept(self, num_patches: int) -> list[int]:
@@ -93,7 +92,8 @@ class KeepRateSchedule:
         out, frac = [], 1.0
         for rate in self.keep_rate:
             frac *= rate
-            # round away float noise such as 0.7**3 = 0.34299999... before int() truncates (REFERENCE §2 table)
+            # round away float noise such as 0.7**3 = 0.34299999... before int() truncates, so the counts are
+            # the paper's (keep 0.7 at 3 locations: 137, 96, 67 of 196)
             out.append(int(round(num_patches * frac, 6)))
         return out
 
@@ -354,7 +354,9 @@ def weighted_pool(x: Tensor, size: Tensor | None, pool_type: str, num_prefix: in
     """Global pooling of merged tokens ``(B, T, C) -> (B, C)``: averages are size-weighted.
 
     ``sum(x * size) / sum(size)`` over the pooled tokens reproduces the mean over the original tokens when
-    each merged token is the mean of its members (REFERENCE defect 8).
+    each merged token is the mean of its members: what MAE's average pooling computes on the unreduced model.
+    The final norm is timm's, applied once by the caller (the published MAE code applies it twice with recent
+    timm).
     """
     tokens = x if include_prefix else x[:, num_prefix:]
     if size is None:

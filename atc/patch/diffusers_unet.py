@@ -179,7 +179,8 @@ def _compute_merge(state: _PatchState, block: nn.Module, x: Tensor) -> Merge | N
         )
     metric = x.detach()
     if state.method == "atc":
-        # ATC in SD clusters the raw block input (REFERENCE §1); no protected tokens in a UNet.
+        # ATC in SD clusters the raw block input (as the published SD setup does: the UNet's attention keys are
+        # not available before the attention runs); no protected tokens in a UNet.
         return merge_by_method("atc", metric, r, 0, linkage=state.linkage, backend=state.backend)
     h, w = math.ceil(lat_h / down), math.ceil(lat_w / down)
     if h < state.sy or w < state.sx:

@@ -22,8 +22,8 @@ as additive mask (proportional attention); a block with nothing to do runs timm'
 serves the four block classes (their layout is a class constant), and blocks of one class share one patched
 class, so ``torch.compile`` traces the model as one graph.
 
-Placement (REFERENCE §1): ATC and ToMe merge inside each block after the attention residual, before the MLP;
-K-Medoids and DPC-KNN reduce the block input before the block. Unsupported variants (``global_pool='prr'``,
+Placement, as in the published models: ATC and ToMe merge inside each block after the attention residual, before
+the MLP (the metric is that attention's keys); K-Medoids and DPC-KNN reduce the block input before the block. Unsupported variants (``global_pool='prr'``,
 attention pooling with its own position embedding, parallel blocks, other attention layers, EVA's mixed RoPE)
 raise at patch time.
 """

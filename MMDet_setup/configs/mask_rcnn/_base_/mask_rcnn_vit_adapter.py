@@ -10,7 +10,8 @@ model = dict(
         interaction_indexes=[[0, 2], [3, 5], [6, 8], [9, 11]], window_attn=[False] * 12, window_size=[None] * 12,
         pretrained=None,
         # token reduction: keep fraction of the current tokens at each of reduction_loc (None = no reduction);
-        # linkage: tome | single | complete | average
+        # method: atc | tome (atc.merge.MERGE_METHODS); linkage (ATC): single | complete | average. The published
+        # linkage='tome' is still accepted and means method='tome'.
         reduction_ratio=None, linkage='average', reduction_loc=[3, 6, 9], proportional_attn=True,
         norm='bn'),
     neck=dict(out_channels=256),
