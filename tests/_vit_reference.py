@@ -10,6 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from sklearn.cluster import AgglomerativeClustering
+from torch.utils._python_dispatch import TorchDispatchMode
 
 #: (method, linkage) pairs the family tests run: ATC with every linkage, and ToMe
 METHODS = [("atc", "single"), ("atc", "complete"), ("atc", "average"), ("tome", "average")]
@@ -117,3 +118,15 @@ def randomize(model: torch.nn.Module, scale: float = 0.2) -> torch.nn.Module:
         for p in model.parameters():
             p.add_(torch.randn_like(p) * scale)
     return model.eval()
+
+
+class OpLog(TorchDispatchMode):
+    """The ATen operators a forward runs, in order (to compare a patched model's with the unpatched one's)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))

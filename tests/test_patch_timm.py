@@ -9,19 +9,18 @@ from __future__ import annotations
 
 import warnings
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from sklearn.cluster import AgglomerativeClustering
 from timm.layers import apply_rot_embed_cat
 from timm.layers.attention import Attention
 from timm.models.eva import Eva
 from timm.models.vision_transformer import Block, ParallelScalingBlock, ResPostBlock, VisionTransformer
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import atc.patch
 from atc.patch.common import parse_r
+
+from _vit_reference import OpLog, clusters
 
 TINY = dict(img_size=64, patch_size=16, embed_dim=32, depth=3, num_heads=2, num_classes=5)
 
@@ -72,36 +71,6 @@ def _ref_attention(blk, x, size, rope, prefix, eva):
     return attn.proj(attn.norm(out)), k.mean(1)
 
 
-def _ref_clusters(metric_row: torch.Tensor, method: str, r: int, prefix: int, linkage: str) -> list[list[int]]:
-    """Clusters (lists of token indices) of one sample, ordered by their smallest token."""
-    t = metric_row.shape[0]
-    m = F.normalize(metric_row.double(), dim=-1)
-    clusters = [[i] for i in range(prefix)]
-    if method == "atc":
-        d = (1 - m[prefix:] @ m[prefix:].T).clamp_min(0).numpy()
-        np.fill_diagonal(d, 0)
-        lab = AgglomerativeClustering(n_clusters=t - prefix - r, metric="precomputed", linkage=linkage).fit_predict(d)
-        groups: dict[int, list[int]] = {}
-        for i, l in enumerate(lab):
-            groups.setdefault(int(l), []).append(i + prefix)
-        clusters += list(groups.values())
-    else:  # ToMe: odd positions are destinations, even positions sources; top-r sources merge
-        src = [i for i in range(prefix, t) if i % 2 == 0]
-        dst = [i for i in range(prefix, t) if i % 2 == 1]
-        best = []
-        for s in src:
-            scores = [float(m[s] @ m[d]) for d in dst]
-            j = int(np.argmax(scores))
-            best.append((scores[j], s, dst[j]))
-        best.sort(key=lambda e: -e[0])
-        target = {s: d for _, s, d in best[:r]}
-        groups = {}
-        for i in range(prefix, t):
-            groups.setdefault(target.get(i, i), []).append(i)
-        clusters += list(groups.values())
-    return sorted(clusters, key=min)
-
-
 def _ref_block(blk, x, size, rope, method, r, prefix, linkage, eva):
     """One merged block, brute force: returns (output (B, T-r, C), new sizes (B, T-r, 1))."""
     h, metric = _ref_attention(blk, blk.norm1(x), size, rope, prefix, eva)
@@ -110,7 +79,7 @@ def _ref_block(blk, x, size, rope, method, r, prefix, linkage, eva):
     outs, sizes = [], []
     for bi in range(x.shape[0]):
         rows, srows = [], []
-        for cl in _ref_clusters(metric[bi], method, r, prefix, linkage):
+        for cl in clusters(metric[bi], method, r, prefix, linkage):
             w = size[bi, cl]
             rows.append((x[bi, cl] * w).sum(0) / w.sum())
             srows.append(w.sum(0))
@@ -203,7 +172,7 @@ def test_post_norm_block_brute_force():
         size = torch.ones(2, x.shape[1], 1)
         attn_out, metric = _ref_attention(blk, x, size, None, 1, False)
         x1 = x + blk.norm1(attn_out)
-        merged = torch.stack([torch.stack([x1[b, cl].mean(0) for cl in _ref_clusters(metric[b], "tome", 3, 1, "")])
+        merged = torch.stack([torch.stack([x1[b, cl].mean(0) for cl in clusters(metric[b], "tome", 3, 1, "")])
                               for b in range(2)])
         expected = merged + blk.norm2(blk.mlp(merged))
     for h in hooks:
@@ -336,27 +305,15 @@ def test_blocks_share_one_patched_class_and_r_is_checked_when_set():
     assert type(second.blocks[0]) is not Block  # removing one model's patch leaves the other patched
 
 
-class _OpLog(TorchDispatchMode):
-    """The ATen operators a forward runs, in order."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("family", ["deit", "eva_rope"])
 def test_r0_runs_exactly_the_unpatched_operators(family):
     """With r = 0 nothing of the patch runs on tensors: no extra kernel over the unpatched model."""
     model = _make(family)
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
-        with _OpLog() as ref:
+        with OpLog() as ref:
             model(x)
         atc.patch.timm(model, method="atc", trace_source=False)
-        with _OpLog() as patched:
+        with OpLog() as patched:
             model(x)
     assert patched.ops == ref.ops

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from sklearn.cluster import AgglomerativeClustering
-from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision.models.vision_transformer import EncoderBlock, VisionTransformer
 
 import atc.patch
+
+from _vit_reference import OpLog, clusters
 
 
 def _make() -> VisionTransformer:
@@ -21,28 +20,6 @@ def _make() -> VisionTransformer:
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.2)
     return model.eval()
-
-
-def _ref_clusters(metric_row, method, r, linkage):
-    t = metric_row.shape[0]
-    m = F.normalize(metric_row.double(), dim=-1)
-    if method == "atc":
-        d = (1 - m[1:] @ m[1:].T).clamp_min(0).numpy()
-        np.fill_diagonal(d, 0)
-        lab = AgglomerativeClustering(n_clusters=t - 1 - r, metric="precomputed", linkage=linkage).fit_predict(d)
-        groups: dict[int, list[int]] = {}
-        for i, l in enumerate(lab):
-            groups.setdefault(int(l), []).append(i + 1)
-    else:
-        src = [i for i in range(1, t) if i % 2 == 0]
-        dst = [i for i in range(1, t) if i % 2 == 1]
-        best = sorted(((max(float(m[s] @ m[d]) for d in dst), s,
-                        dst[int(np.argmax([float(m[s] @ m[d]) for d in dst]))]) for s in src), key=lambda e: -e[0])
-        target = {s: d for _, s, d in best[:r]}
-        groups = {}
-        for i in range(1, t):
-            groups.setdefault(target.get(i, i), []).append(i)
-    return [[0]] + sorted(groups.values(), key=min)
 
 
 @pytest.mark.parametrize("method", ["atc", "tome", "kmedoids", "dpcknn"])
@@ -86,7 +63,7 @@ def test_merged_block_matches_brute_force(method, linkage):
         metric = k.mean(1)
         merged = torch.stack([
             torch.stack([(x1[i, cl] * size[i, cl]).sum(0) / size[i, cl].sum()
-                         for cl in _ref_clusters(metric[i], method, 4, linkage)])
+                         for cl in clusters(metric[i], method, 4, 1, linkage)])
             for i in range(b)
         ])
         expected = merged + blk.mlp(blk.ln_2(merged))
@@ -115,15 +92,6 @@ def test_trace_source_and_errors():
 def test_layers_share_one_patched_class_and_r0_runs_the_unpatched_operators():
     model, other = _make(), _make()
     x = torch.randn(1, 3, 64, 64)
-
-    class OpLog(TorchDispatchMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.ops: list[str] = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.append(str(func))
-            return func(*args, **(kwargs or {}))
 
     with torch.no_grad():
         with OpLog() as ref:
