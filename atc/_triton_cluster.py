@@ -43,7 +43,8 @@ def _cluster_kernel(gram_ptr, dist_ptr, nnd_ptr, labels_ptr, flag_ptr, B, T, num
     # S samples per program (1 on a GPU; more under the interpreter, whose cost is per operation, not per
     # element), each a row of the (S, TP) per-cluster state.
     samples = tl.program_id(0) * S + tl.arange(0, S)
-    base = samples.to(tl.int64) * T * T  # (S,)
+    row_base = samples.to(tl.int64)[:, None] * T  # (S, 1): each sample's labels and bounds rows
+    base = samples.to(tl.int64) * T * T  # (S,): each sample's matrices
     base2 = base[:, None]
     idx = tl.arange(0, TP)[None, :]  # (1, TP)
     valid = (idx < T) & (samples < B)[:, None]  # (S, TP)
@@ -69,14 +70,14 @@ def _cluster_kernel(gram_ptr, dist_ptr, nnd_ptr, labels_ptr, flag_ptr, B, T, num
         row_min, row_arg = tl.min(upper, axis=2, return_indices=True, return_indices_tie_break_left=True)
         # An empty or all-+inf row points past itself, as in the numba backend.
         row_arg = tl.where(row_min == inf, rows[None, :] + 1, row_arg)
-        at = samples[:, None] * T + rows[None, :]
+        at = row_base + rows[None, :]
         ok = (rows[None, :] < T) & (samples < B)[:, None]
         tl.store(nnd_ptr + at, row_min, mask=ok)
         tl.store(labels_ptr + at, row_arg.to(tl.int64), mask=ok)
     tl.debug_barrier()  # the state below is read back by other threads than wrote it
 
-    lab = labels_ptr + samples[:, None].to(tl.int64) * T + idx  # (S, TP) pointers into each sample's labels
-    nnd = tl.load(nnd_ptr + samples[:, None].to(tl.int64) * T + idx, mask=valid, other=inf)
+    lab = labels_ptr + row_base + idx  # (S, TP) pointers into each sample's labels
+    nnd = tl.load(nnd_ptr + row_base + idx, mask=valid, other=inf)
     nn = tl.load(lab, mask=valid, other=0).to(tl.int32)
     stale = tl.zeros([S, TP], dtype=tl.int32)
     # Cluster sizes are small integers: exact in int32 and in float64. (1 in padding too: 0 * inf is NaN.)
@@ -91,12 +92,13 @@ def _cluster_kernel(gram_ptr, dist_ptr, nnd_ptr, labels_ptr, flag_ptr, B, T, num
         height, a = tl.min(nnd, axis=1, return_indices=True, return_indices_tie_break_left=True)
         info = tl.sum(tl.where(idx == a[:, None], nn * 2 + stale, 0), axis=1)  # that row's neighbour, staleness
         while tl.max(info & 1, axis=0) != 0:
-            rescan = valid & alive & (idx > a[:, None]) & ((info & 1) != 0)[:, None]
+            front_stale = ((info & 1) != 0)[:, None]
+            rescan = valid & alive & (idx > a[:, None]) & front_stale
             row = tl.load(dist_ptr + base2 + a[:, None] * T + idx, mask=rescan, other=inf)
             m, j = tl.min(tl.where(rescan, row, inf), axis=1, return_indices=True,
                           return_indices_tie_break_left=True)
             j = tl.where(m == inf, a + 1, j)
-            at_a = (idx == a[:, None]) & ((info & 1) != 0)[:, None]
+            at_a = (idx == a[:, None]) & front_stale
             nnd = tl.where(at_a, m[:, None], nnd)
             nn = tl.where(at_a, j[:, None], nn)
             stale = tl.where(at_a, 0, stale)
@@ -150,7 +152,7 @@ def _cluster_kernel(gram_ptr, dist_ptr, nnd_ptr, labels_ptr, flag_ptr, B, T, num
     rank = tl.cumsum((valid & (root == idx)).to(tl.int32), axis=1) - 1
     tl.store(lab, rank.to(tl.int64), mask=valid)
     tl.debug_barrier()
-    out = tl.load(labels_ptr + samples[:, None].to(tl.int64) * T + root, mask=valid, other=0)
+    out = tl.load(labels_ptr + row_base + root, mask=valid, other=0)
     tl.debug_barrier()
     bad = (n_bad > 0)[:, None]
     out = tl.where(bad, tl.minimum(idx, num_clusters - 1).to(tl.int64), out)

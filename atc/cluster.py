@@ -543,8 +543,7 @@ def _defers_checks(device: torch.device) -> bool:
 
 
 def _cluster_triton(metric: Tensor, k: int, linkage: Linkage) -> Tensor:
-    from atc._triton_cluster import cluster_gram
-    from atc._triton_cluster import MAX_TOKENS
+    from atc._triton_cluster import MAX_TOKENS, cluster_gram
 
     if metric.shape[1] > MAX_TOKENS:
         raise ValueError(
