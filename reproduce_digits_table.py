@@ -26,7 +26,11 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from atc.engine import (ConfigError, FitConfig, build_classifier, build_loaders, evaluate, fit, validate_reduction)
+from atc.checkpoint import load_checkpoint
+from atc.cli import ConfigError
+from atc.data import build_loaders
+from atc.engine import FitConfig, evaluate, fit
+from atc.models import build_classifier, validate_reduction
 from atc.utils import line_plot, seed_everything, write_csv, atomic_write_text
 
 METHODS = ("none", "tome", "atc_single", "atc_complete", "atc_average")
@@ -180,7 +184,6 @@ def main(args: argparse.Namespace) -> pd.DataFrame:
     print(f"[1/2] base ViT ({sum(p.numel() for p in base.parameters()) / 1e6:.2f} M params, "
           f"{(args.input_size // args.patch_size) ** 2} tokens): training {args.epochs} epochs -> {base_dir}")
     train(args, base, base_dir, args.epochs, args.lr, warmup=2, loaders=loaders)
-    base_state = torch.load(base_dir / "checkpoint.pth", map_location="cpu", weights_only=False)["model"]
 
     jobs = [("none", 1.0)] + [(m, kr) for m in args.methods if m != "none" for kr in args.keep_rates]
     if "none" not in args.methods:
@@ -203,13 +206,12 @@ def main(args: argparse.Namespace) -> pd.DataFrame:
                 rows.append(row)
                 write_csv(rows, csv_path)
                 continue
-            model.load_state_dict(base_state)
+            load_checkpoint(model, base_dir / "checkpoint.pth")
             if setting == "fine-tuned":
                 ft_dir = out / "finetune" / f"{method}_kr{kr:g}"
                 seed_everything(args.seed)
                 train(args, model, ft_dir, args.finetune_epochs, args.finetune_lr, warmup=0, loaders=loaders)
-                model.load_state_dict(torch.load(ft_dir / "checkpoint.pth", map_location="cpu",
-                                                 weights_only=False)["model"])
+                load_checkpoint(model, ft_dir / "checkpoint.pth")
             res = evaluate(model, val_loader, torch.device("cpu"), progress=False)
             row.update(top1=round(res["top1"], 2), top5=round(res["top5"], 2), img_per_s=round(throughput(model, args), 1))
             rows.append(row)

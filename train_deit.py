@@ -23,12 +23,13 @@ import torch
 import torch.nn as nn
 
 from atc import distributed as D
-from atc.data import DATASETS, MULTILABEL_DATASETS
-from atc.engine import build_loaders as engine_build_loaders
+from atc.checkpoint import find_resume, load_checkpoint, load_for_resume
+from atc.cli import ConfigError, parse_model_kwargs, run_cli
 from atc.cluster import LINKAGES
-from atc.engine import (ConfigError, FitConfig, amp_dtype_for, build_classifier, count_parameters,
-                        evaluate, find_resume, fit, is_reduction_model, load_for_resume, load_pretrained,
-                        parse_model_kwargs, run_cli, validate_reduction)
+from atc.data import DATASETS, MULTILABEL_DATASETS
+from atc.data import build_loaders as data_build_loaders
+from atc.engine import FitConfig, amp_dtype_for, count_parameters, evaluate, fit
+from atc.models import build_classifier, is_reduction_model, validate_reduction
 from atc.tracking import add_wandb_arguments, require_wandb
 
 
@@ -53,11 +54,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--drop-path", "--drop_path", type=float, default=0.1, help="stochastic depth rate")
     g.add_argument("--reduction_loc", type=int, nargs="+", default=[3, 6, 9],
                    help="0-indexed blocks after whose attention tokens are reduced")
-    g.add_argument("--reduction_ratio", "--keep_rate", dest="reduction_ratio", type=float, nargs="+", default=[0.9],
-                   help="keep rate in (0, 1]: after location i, int(N * kr^(i+1)) tokens remain; one value per "
-                        "location is also accepted")
-    g.add_argument("--linkage", default="average", help=f"ATC linkage: {'|'.join(sorted(LINKAGES))}")
-    g.add_argument("--proportional_attn", action="store_true", help="add log(token size) to attention logits")
+    g.add_argument("--reduction_ratio", "--keep_rate", dest="keep_rate", type=float, nargs="+", default=[0.9],
+                   help="keep rate in (0, 1] (the published flag is --reduction_ratio; it means the fraction kept): "
+                        "after location i, int(N * kr^(i+1)) tokens remain; one value per location is also accepted")
+    g.add_argument("--linkage", default=None,
+                   help=f"ATC linkage: {'|'.join(sorted(LINKAGES))} (default: the model's own, complete, as published)")
+    g.add_argument("--proportional_attn", action=argparse.BooleanOptionalAction, default=None,
+                   help="add log(token size) to attention logits; default: the model's own (on for atc_/tome_, off "
+                        "for kmedoids_/dpcknn_, as the published models). The published script turned it off unless "
+                        "the flag was given: pass --no-proportional_attn for that")
 
     g = p.add_argument_group("optimiser (timm create_optimizer_v2)")
     g.add_argument("--opt", default="adamw", help="optimiser name, e.g. adamw, sgd, lamb")
@@ -97,7 +102,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--cutmix-minmax", type=float, nargs="+", default=None, help="cutmix min/max ratio")
     g.add_argument("--mixup-prob", type=float, default=1.0, help="probability of mixup or cutmix per batch")
     g.add_argument("--mixup-switch-prob", type=float, default=0.5, help="probability of cutmix instead of mixup")
-    g.add_argument("--mixup-mode", default="batch", help="batch, pair or elem")
+    g.add_argument("--mixup-mode", default="batch", choices=["batch", "pair", "elem"], help="mixup per batch, pair or element")
 
     g = p.add_argument_group("EMA")
     g.add_argument("--model-ema", dest="model_ema", action="store_true", default=True, help="keep an EMA model")
@@ -165,6 +170,22 @@ _NUMERIC_RULES: list[tuple[str, str, Callable[[float], bool], str]] = [
     ("--clip-grad", "clip_grad", lambda v: v > 0, "a maximum gradient norm > 0 (or leave it unset)"),
     ("--max-steps-per-epoch", "max_steps_per_epoch", lambda v: v >= 1, "a positive number of batches"),
     ("--num_workers", "num_workers", lambda v: v >= 0, "a number of loader processes >= 0"),
+    ("--momentum", "momentum", lambda v: 0 <= v < 1, "an SGD momentum in [0, 1), e.g. 0.9"),
+    ("--decay-rate", "decay_rate", lambda v: 0 < v <= 1, "a step-schedule factor in (0, 1], e.g. 0.1"),
+    ("--color-jitter", "color_jitter", lambda v: v >= 0, "a colour-jitter strength >= 0 (0 = off), e.g. 0.3"),
+    ("--reprob", "reprob", lambda v: 0 <= v <= 1, "a random-erasing probability in [0, 1]"),
+    ("--recount", "recount", lambda v: v >= 1, "a random-erasing count >= 1"),
+    ("--crop-pct", "crop_pct", lambda v: 0 < v <= 1, "an eval crop fraction in (0, 1], e.g. 0.875"),
+    ("--mixup", "mixup", lambda v: v >= 0, "a mixup alpha >= 0 (0 = off), e.g. 0.8"),
+    ("--cutmix", "cutmix", lambda v: v >= 0, "a cutmix alpha >= 0 (0 = off), e.g. 1.0"),
+    ("--mixup-prob", "mixup_prob", lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
+    ("--mixup-switch-prob", "mixup_switch_prob", lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
+    ("--model-ema-decay", "model_ema_decay", lambda v: 0 <= v < 1, "an EMA decay in [0, 1), e.g. 0.99996"),
+    ("--distillation-alpha", "distillation_alpha", lambda v: 0 <= v <= 1, "a loss weight in [0, 1], e.g. 0.5"),
+    ("--distillation-tau", "distillation_tau", lambda v: v > 0, "a temperature > 0, e.g. 1.0"),
+    ("--backbone_lr_scale", "backbone_lr_scale", lambda v: v >= 0, "an lr multiplier >= 0 (1 = off)"),
+    ("--backbone_freeze_steps", "backbone_freeze_steps", lambda v: v >= 0, "a number of optimiser steps >= 0"),
+    ("--lr_batch_normalizer", "lr_batch_normalizer", lambda v: v > 0, "a batch size > 0, e.g. 512"),
 ]
 
 
@@ -185,10 +206,10 @@ def check_args(args: argparse.Namespace) -> None:
     check_numbers(args)
     if args.dataset not in DATASETS:
         raise ConfigError(f"unknown dataset {args.dataset!r}; choose one of {', '.join(DATASETS)}.")
-    validate_reduction(args.reduction_ratio, args.reduction_loc, args.linkage)
-    if len(args.reduction_ratio) not in (1, len(args.reduction_loc)):
-        raise ConfigError(f"--reduction_ratio takes one keep rate or one per location ({len(args.reduction_loc)}), "
-                          f"got {len(args.reduction_ratio)}.")
+    validate_reduction(args.keep_rate, args.reduction_loc, args.linkage)
+    if len(args.keep_rate) not in (1, len(args.reduction_loc)):
+        raise ConfigError(f"--reduction_ratio/--keep_rate takes one keep rate or one per location "
+                          f"({len(args.reduction_loc)}), got {len(args.keep_rate)}.")
     multilabel = args.dataset in MULTILABEL_DATASETS
     if multilabel and ((args.mixup or 0) > 0 or (args.cutmix or 0) > 0):
         raise ConfigError(f"{args.dataset} is multi-label: mixup/cutmix do not apply; pass --mixup 0 --cutmix 0.")
@@ -207,14 +228,10 @@ def check_args(args: argparse.Namespace) -> None:
         raise ConfigError(f"--finetune '{args.finetune}' does not exist.")
     import timm
 
-    if args.model.startswith(("atc_", "tome_", "kmedoids_", "dpcknn_")):
+    if is_reduction_model(args.model):
         # Registered reduction models are 12 blocks deep unless --model-kwargs says otherwise.
         depth = parse_model_kwargs(args.model_kwargs).get("depth", 12)
         validate_reduction(None, args.reduction_loc, None, depth)
-        try:
-            import atc.models  # noqa: F401
-        except ImportError as exc:
-            raise ConfigError(f"model {args.model!r} needs atc.models, which could not be imported: {exc}") from exc
     if not timm.is_model(args.model):
         raise ConfigError(f"unknown model {args.model!r}; e.g. atc_small_patch16_224, tome_small_patch16_224, "
                           "deit_small_patch16_224 (see timm.list_models()).")
@@ -223,7 +240,7 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def keep_rate_arg(args: argparse.Namespace) -> Any:
-    return args.reduction_ratio[0] if len(args.reduction_ratio) == 1 else list(args.reduction_ratio)
+    return args.keep_rate[0] if len(args.keep_rate) == 1 else list(args.keep_rate)
 
 
 def run_description(args: argparse.Namespace) -> dict[str, Any]:
@@ -300,7 +317,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, args: argparse.Namespace, 
 
 
 def build_loaders(args: argparse.Namespace, train: bool = True) -> tuple[Any, Any, Any]:
-    return engine_build_loaders(
+    return data_build_loaders(
         args.dataset, args.data, args.input_size, args.batch_size, num_workers=args.num_workers, seed=args.seed,
         repeated_aug=args.repeated_aug, dist_eval=args.dist_eval, pin_mem=args.pin_mem, train=train,
         crop_pct=args.crop_pct, color_jitter=args.color_jitter, aa=args.aa, interpolation=args.train_interpolation,
@@ -335,8 +352,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     train_loader, val_loader, info = build_loaders(args, train=not args.eval)
     model = make_model(args, info.num_classes)
     if args.finetune:
-        missing = load_pretrained(model, args.finetune)
-        print(f"loaded {args.finetune} (missing: {missing})")
+        # DeiT's --finetune: plain bicubic pos-embed resampling, a head of another class count dropped
+        load_checkpoint(model, args.finetune, strict=False, drop_mismatched_head=True, antialias=False,
+                        what="--finetune checkpoint")
+        print(f"loaded {args.finetune}")
     configure_trainable(model, args)
     model.to(device)
     print(f"model {args.model}: {count_parameters(model) / 1e6:.2f} M parameters, {info.num_classes} classes "
@@ -386,7 +405,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
         teacher = build_classifier(args.teacher_model, info.num_classes, args.input_size,
                                    model_kwargs=parse_model_kwargs(args.teacher_model_kwargs))
-        load_pretrained(teacher, args.teacher_path, drop_mismatched_head=False)
+        load_checkpoint(teacher, args.teacher_path, strict=False, antialias=False, what="--teacher-path checkpoint")
         teacher.to(device).eval()
         criterion = DistillationLoss(criterion, teacher, args.distillation_type, args.distillation_alpha,
                                      args.distillation_tau)

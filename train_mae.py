@@ -22,10 +22,11 @@ import torch
 import torch.nn as nn
 
 from atc import distributed as D
-from atc.data import DATASETS, MULTILABEL_DATASETS
+from atc.checkpoint import find_resume, load_checkpoint, load_for_resume
+from atc.cli import ConfigError, parse_model_kwargs, run_cli
 from atc.cluster import LINKAGES
-from atc.engine import (ConfigError, FitConfig, amp_dtype_for, build_loaders, count_parameters, evaluate,
-                        find_resume, fit, load_for_resume, load_pretrained, parse_model_kwargs, run_cli)
+from atc.data import DATASETS, MULTILABEL_DATASETS, build_loaders
+from atc.engine import FitConfig, amp_dtype_for, count_parameters, evaluate, fit
 from atc.tracking import add_wandb_arguments, require_wandb
 
 MAE_MODELS = {"vit_base_patch16": "vit_base_patch16_224", "vit_large_patch16": "vit_large_patch16_224",
@@ -107,7 +108,9 @@ def build_mae_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
                               drop_path_rate=args.drop_path, global_pool="avg" if args.global_pool else "token",
                               **parse_model_kwargs(args.model_kwargs))
     if args.finetune:
-        load_pretrained(model, args.finetune)
+        # as DeiT's --finetune: bicubic pos-embed resampling, the pretraining head (if any) dropped
+        load_checkpoint(model, args.finetune, strict=False, drop_mismatched_head=True, antialias=False,
+                        what="--finetune checkpoint")
         # MAE: a freshly initialised head with a tiny std.
         if isinstance(getattr(model, "head", None), nn.Linear):
             nn.init.trunc_normal_(model.head.weight, std=2e-5)
@@ -116,7 +119,7 @@ def build_mae_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
         import atc.patch
 
         try:
-            atc.patch.timm(model, method=args.merge_fn, linkage=args.linkage, prop_attn=False)
+            atc.patch.timm(model, method=args.merge_fn, linkage=args.linkage, proportional_attn=False)
         except ImportError as exc:
             raise ConfigError(f"token merging needs atc.patch.timm_vit, which could not be imported: {exc}") from exc
         model.r = (args.r_count, args.r_sched)

@@ -20,11 +20,12 @@ from typing import Any
 import torch
 
 from atc import distributed as D
-from atc.data import DATASETS, MULTILABEL_DATASETS, build_dataset
-from atc.checkpoint import CheckpointError, state_dict_from_checkpoint
+from atc.checkpoint import load_checkpoint, read_checkpoint
+from atc.cli import ConfigError, parse_model_kwargs, run_cli
 from atc.cluster import LINKAGES
-from atc.engine import (ConfigError, ShardSampler, amp_dtype_for, build_classifier, count_parameters,
-                        evaluate, parse_model_kwargs, run_cli, usable_workers, validate_reduction)
+from atc.data import DATASETS, MULTILABEL_DATASETS, ShardSampler, build_dataset, usable_workers
+from atc.engine import amp_dtype_for, count_parameters, evaluate
+from atc.models import build_classifier, validate_reduction
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -50,8 +51,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="extra timm.create_model kwargs (default: as trained)")
     g.add_argument("--nb-classes", type=int, default=None, help="number of classes (default: the dataset's)")
     g.add_argument("--reduction_loc", type=int, nargs="+", default=None, help="0-indexed reduction blocks")
-    g.add_argument("--reduction_ratio", "--keep_rate", dest="reduction_ratio", type=float, nargs="+", default=None,
-                   help="keep rate(s) in (0, 1]")
+    g.add_argument("--reduction_ratio", "--keep_rate", dest="keep_rate", type=float, nargs="+", default=None,
+                   help="keep rate(s) in (0, 1] (the published flag is --reduction_ratio: the fraction kept)")
     g.add_argument("--linkage", default=None, help=f"ATC linkage: {'|'.join(sorted(LINKAGES))}")
     g.add_argument("--proportional_attn", action="store_true", default=None, help="proportional attention")
     g.add_argument("--no-proportional_attn", dest="proportional_attn", action="store_false",
@@ -61,6 +62,9 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def resolve_config(args: argparse.Namespace, saved: dict[str, Any]) -> dict[str, Any]:
     """Merge the checkpoint's training arguments with the command line (reduction flags only with --ots)."""
+    if "keep_rate" not in saved and "reduction_ratio" in saved:  # the published checkpoints' name for it
+        saved = {**saved, "keep_rate": saved["reduction_ratio"]}
+
     def pick(cli: Any, key: str, default: Any, reduction: bool = False) -> Any:
         if cli is not None and (not reduction or args.ots or key not in saved):
             return cli
@@ -72,9 +76,10 @@ def resolve_config(args: argparse.Namespace, saved: dict[str, Any]) -> dict[str,
         "model_kwargs": args.model_kwargs if args.model_kwargs is not None else saved.get("model_kwargs", []),
         "input_size": args.input_size or saved.get("input_size", 224),
         "reduction_loc": pick(args.reduction_loc, "reduction_loc", [3, 6, 9], True),
-        "reduction_ratio": pick(args.reduction_ratio, "reduction_ratio", [1.0], True),
-        "linkage": pick(args.linkage, "linkage", "average", True),
-        "proportional_attn": pick(args.proportional_attn, "proportional_attn", False, True),
+        "keep_rate": pick(args.keep_rate, "keep_rate", [1.0], True),
+        # None: the model's own default (atc.models), as when it was trained without the flag
+        "linkage": pick(args.linkage, "linkage", None, True),
+        "proportional_attn": pick(args.proportional_attn, "proportional_attn", None, True),
         "crop_pct": args.crop_pct or saved.get("crop_pct"),
     }
     if args.ots and args.model:
@@ -85,37 +90,31 @@ def resolve_config(args: argparse.Namespace, saved: dict[str, Any]) -> dict[str,
         raise ConfigError("--model is required: the checkpoint has no stored training arguments.")
     if cfg["dataset"] not in DATASETS:
         raise ConfigError(f"unknown dataset {cfg['dataset']!r}; choose one of {', '.join(DATASETS)}.")
-    validate_reduction(cfg["reduction_ratio"], cfg["reduction_loc"], cfg["linkage"])
+    if not isinstance(cfg["keep_rate"], (list, tuple)):
+        cfg["keep_rate"] = [cfg["keep_rate"]]
+    validate_reduction(cfg["keep_rate"], cfg["reduction_loc"], cfg["linkage"])
     return cfg
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
     path = Path(args.checkpoint)
-    if not path.is_file():
-        raise ConfigError(f"checkpoint '{path}' does not exist.")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = read_checkpoint(path)
     saved = ckpt.get("args", {}) if isinstance(ckpt, dict) else {}
+    saved = vars(saved) if isinstance(saved, argparse.Namespace) else saved  # the published files pickle a Namespace
     cfg = resolve_config(args, saved or {})
     device = D.init_distributed(args.device)
     multilabel = cfg["dataset"] in MULTILABEL_DATASETS
     extra = {"crop_pct": cfg["crop_pct"]} if cfg["crop_pct"] else {}
     dataset, info = build_dataset(cfg["dataset"], args.data, "val", cfg["input_size"], is_train=False, **extra)
     num_classes = args.nb_classes or saved.get("num_classes") or info.num_classes
-    kr = cfg["reduction_ratio"]
+    kr = cfg["keep_rate"]
     model = build_classifier(cfg["model"], num_classes, cfg["input_size"], reduction_loc=cfg["reduction_loc"],
                              keep_rate=kr[0] if len(kr) == 1 else list(kr), linkage=cfg["linkage"],
-                             proportional_attn=bool(cfg["proportional_attn"]),
+                             proportional_attn=cfg["proportional_attn"],
                              model_kwargs=parse_model_kwargs(cfg["model_kwargs"]))
-    try:  # the trained weights ('model'), or the EMA weights with --use-ema
-        state = state_dict_from_checkpoint(ckpt, use_ema=bool(args.use_ema), source=f"'{path}'")
-    except CheckpointError as exc:
-        raise ConfigError(f"--use-ema: {exc}." if args.use_ema else f"{exc}.") from None
-    try:
-        model.load_state_dict(state)
-    except (RuntimeError, ValueError) as exc:
-        raise ConfigError(f"checkpoint '{path}' does not fit {cfg['model']} {cfg['model_kwargs']} at "
-                          f"{cfg['input_size']}px: {str(exc).splitlines()[1] if len(str(exc).splitlines()) > 1 else exc}. "
-                          "Pass the --model/--model-kwargs/--input-size it was trained with.") from exc
+    # the trained weights ('model'; best_checkpoint.pth stores the better of model and EMA there), or the EMA
+    # weights with --use-ema
+    load_checkpoint(model, path, use_ema=True if args.use_ema else False)
     model.to(device)
     sampler = ShardSampler(dataset, D.get_world_size(), D.get_rank()) if args.dist_eval else None
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=False, sampler=sampler,
@@ -126,7 +125,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     report: dict[str, Any] = {
         "checkpoint": str(path), "model": cfg["model"], "model_kwargs": cfg["model_kwargs"],
         "dataset": cfg["dataset"], "input_size": cfg["input_size"], "reduction_loc": cfg["reduction_loc"],
-        "keep_rate": kr, "linkage": cfg["linkage"], "proportional_attn": bool(cfg["proportional_attn"]),
+        "keep_rate": kr, "linkage": cfg["linkage"], "proportional_attn": cfg["proportional_attn"],
         "ots": args.ots, "use_ema": args.use_ema, "num_params": count_parameters(model), **res,
     }
     if multilabel:

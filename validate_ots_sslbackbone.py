@@ -79,23 +79,17 @@ def _checkpoint_classes(path: str) -> int | None:
 
 def build_model(args: argparse.Namespace, num_classes: int) -> torch.nn.Module:
     """The unpatched backbone with local weights (or random ones)."""
+    from atc.checkpoint import load_checkpoint
+
     if args.model_type == "swag":
         import torchvision
 
         model = getattr(torchvision.models, args.model_name)(weights=None, image_size=args.input_size,
                                                               num_classes=num_classes)
         if args.checkpoint:
-            from atc.checkpoint import CheckpointError, read_checkpoint, state_dict_from_checkpoint
-
-            sd = state_dict_from_checkpoint(read_checkpoint(args.checkpoint), source=args.checkpoint)
-            res = model.load_state_dict(sd, strict=False)
-            if res.missing_keys or res.unexpected_keys:
-                raise CheckpointError(f"{args.checkpoint} does not fit torchvision {args.model_name}: missing "
-                                      f"{res.missing_keys[:10]}, unexpected {res.unexpected_keys[:10]}")
+            load_checkpoint(model, args.checkpoint)
         return model
     import timm
-
-    from atc.models import load_checkpoint
 
     kwargs = dict(pretrained=False, num_classes=num_classes, img_size=args.input_size)
     if args.model_type == "mae":
@@ -129,8 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import atc.patch
     from atc.data import DatasetError, build_dataset
-    from atc.engine import usable_workers
-    from atc.models import CheckpointError
+    from atc.checkpoint import CheckpointError
+    from atc.data import usable_workers
     from atc.utils import line_plot, write_csv
 
     try:
@@ -155,12 +149,12 @@ def main(argv: list[str] | None = None) -> int:
         print("warning: no --checkpoint given, evaluating random weights (pipeline check only)", file=sys.stderr)
     params = sum(p.numel() for p in model.parameters())
     patch = atc.patch.swag if args.model_type == "swag" else atc.patch.timm
-    prop_attn = args.model_type != "mae"
+    proportional_attn = args.model_type != "mae"
 
     rows = []
     for merge_fn in args.merge_fn:
         for linkage in args.linkage if merge_fn == "atc" else [args.linkage[0]]:
-            patch(model, method=merge_fn, linkage=linkage, prop_attn=prop_attn)
+            patch(model, method=merge_fn, linkage=linkage, proportional_attn=proportional_attn)
             for r in args.r:
                 # set r afresh for every entry, so r=0 after a non-zero r really disables merging (defect 9)
                 model.r = (r, args.r_sched)

@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     import atc.patch
     from atc.data import DatasetError, build_dataset, load_image
     from atc.data.transforms import build_transform
-    from atc.models import CheckpointError, load_checkpoint
+    from atc.checkpoint import CheckpointError, load_checkpoint
     from atc.visualize import merge_groups, save_panels
 
     try:

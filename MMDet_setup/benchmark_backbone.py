@@ -18,9 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
-sys.path.insert(0, str(HERE))
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "mask_rcnn" / "vit-adapter-t-3x.py"
 
 
 def _methods() -> list[str]:
@@ -34,7 +32,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from mmengine.config import DictAction
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=str(HERE / "configs" / "mask_rcnn" / "vit-adapter-t-3x.py"),
+    p.add_argument("--config", default=str(DEFAULT_CONFIG),
                    help="detector config whose backbone/head settings are used (default: ViT-Adapter-T 3x; "
                         "use vit-adapter-s-3x.py for S)")
     p.add_argument("--cfg-options", nargs="+", action=DictAction, default={},
@@ -89,15 +87,17 @@ def settings(methods: list[str], ratios: list[float]) -> tuple[list[tuple[str, f
 def _model_cfg(cfg, method: str, keep: float, size: int) -> dict:
     model = cfg.model.to_dict() if hasattr(cfg.model, "to_dict") else dict(cfg.model)
     backbone = {k: v for k, v in model["backbone"].items() if k != "pretrained"}
+    # the config's keep rate, under its published key or ours, is replaced by this run's
+    backbone = {k: v for k, v in backbone.items() if k not in ("keep_rate", "reduction_ratio", "keep_ratio")}
     if method == "none":
-        backbone["reduction_ratio"] = None
+        backbone["keep_rate"] = None
     elif method == "svit":
-        backbone = {k: v for k, v in backbone.items() if k not in ("reduction_ratio", "linkage", "method")}
-        backbone.update(type="SViTAdapter", keep_ratio=keep)
+        backbone = {k: v for k, v in backbone.items() if k not in ("linkage", "method")}
+        backbone.update(type="SViTAdapter", keep_rate=keep)
     else:
         backbone.pop("linkage", None)  # a config's linkage='tome' (published spelling) would contradict method
-        backbone.update(reduction_ratio=keep, **({"method": "tome"} if method == "tome" else
-                                                {"method": "atc", "linkage": method}))
+        backbone.update(keep_rate=keep, **({"method": "tome"} if method == "tome" else
+                                           {"method": "atc", "linkage": method}))
     model["backbone"] = backbone
     model["min_size"] = model["max_size"] = size  # run the detector at exactly --input-size
     return model
@@ -108,10 +108,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     import torch
     from tqdm import tqdm
 
+    from atc.cli import ConfigError
+    from atc.detection.config import load_config
     from atc.detection.detector import build_detector
-    from atc.engine import ConfigError, amp_dtype_for, autocast
+    from atc.engine import amp_dtype_for, autocast
     from atc.utils import line_plot, seed_everything, write_csv
-    from train_mmdet import load_config
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -11,16 +11,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from typing import Any
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     from mmengine.config import DictAction
+
+    from atc.detection.config import LAUNCHERS
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", help="config used for training (or a variant with other reduction settings)")
@@ -30,23 +28,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--split", default="test", choices=["val", "test"], help="data split of the config to evaluate")
     p.add_argument("--eval", nargs="+", default=["bbox", "segm"], choices=["bbox", "segm"], help="metrics")
     p.add_argument("--out", help="also write the metrics (and the settings used) as JSON to this file")
-    p.add_argument("--launcher", choices=["none", "pytorch"], default="none",
+    p.add_argument("--launcher", choices=LAUNCHERS, default="none",
                    help="'pytorch' when started by torchrun (images are sharded over processes)")
-    return p.parse_args(argv)
+    return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def evaluate_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """Rebuild the model from the config, load the checkpoint, evaluate; print (and write) the metrics."""
     from atc import distributed as D
-    from atc.data.common import DatasetError
+    from atc.detection.config import check_launcher, load_config
     from atc.detection.engine import build_dataset, build_model, evaluate, load_checkpoint_model
-    from atc.engine import ConfigError, amp_dtype_for
+    from atc.detection.vit_adapter import config_keep_rate
+    from atc.engine import amp_dtype_for
     from atc.utils import atomic_write_text
-    from train_mmdet import load_config
 
     try:
-        if args.launcher == "pytorch" and "RANK" not in os.environ:
-            raise ConfigError("--launcher pytorch needs torchrun (RANK/WORLD_SIZE unset); use --launcher none")
+        check_launcher(args.launcher)
         cfg = load_config(args.config, args.cfg_options)
         model = build_model(cfg)
         load_checkpoint_model(model, args.checkpoint)
@@ -60,15 +57,19 @@ def main(argv: list[str] | None = None) -> int:
                 backbone = cfg.model.backbone
                 info = {"config": args.config, "checkpoint": args.checkpoint, "split": args.split,
                         "images": len(dataset), "backbone": backbone.get("type", "ViTAdapter"),
-                        "reduction_ratio": backbone.get("reduction_ratio"), "linkage": backbone.get("linkage"),
+                        "keep_rate": config_keep_rate(backbone), "linkage": backbone.get("linkage"),
                         "metrics": res}
                 atomic_write_text(json.dumps(info, indent=1), args.out)
-    except (ConfigError, DatasetError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return res
     finally:
         D.cleanup()
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Exit code: 0, or 2 with one ``error: ...`` line for a bad option, file or checkpoint."""
+    from atc.cli import run_cli
+
+    return run_cli(evaluate_from_args, build_parser(), argv)
 
 
 if __name__ == "__main__":

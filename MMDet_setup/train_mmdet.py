@@ -13,21 +13,14 @@ A rerun with the same work_dir resumes from work_dir/latest.pth (set auto_resume
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-# Top-level keys the engine reads besides those of the config files (so typos in --cfg-options are caught).
-EXTRA_KEYS = {"auto_resume", "resume_from", "load_from", "fp16", "amp", "device", "seed", "cumulative_iters",
-              "work_dir", "data_root"}
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     from mmengine.config import DictAction
 
+    from atc.detection.config import LAUNCHERS
     from atc.tracking import add_wandb_arguments
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -36,69 +29,42 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="folder for checkpoints and logs (overrides the config's work_dir)")
     p.add_argument("--resume", "--resume-from", dest="resume",
                    help="checkpoint to resume from (default: WORK_DIR/latest.pth if it exists)")
-    p.add_argument("--launcher", choices=["none", "pytorch"], default="none",
+    p.add_argument("--launcher", choices=LAUNCHERS, default="none",
                    help="'pytorch' when started by torchrun (DDP: NCCL on GPU, gloo on CPU)")
     p.add_argument("--cfg-options", nargs="+", action=DictAction, default={},
                    help="override config keys, e.g. model.backbone.linkage=single cumulative_iters=2")
     add_wandb_arguments(p)
     p.add_argument("--local_rank", "--local-rank", type=int, default=0,
                    help="set by old torch.distributed.launch; torchrun uses LOCAL_RANK (ignored)")
-    return p.parse_args(argv)
+    return p
 
 
-def load_config(path: str, options: dict[str, Any] | None = None, work_dir: str | None = None):
-    """Read ``path`` with mmengine and apply ``--cfg-options``; clear errors for a missing/broken file and for
-    top-level keys neither the config nor the engine knows (typos)."""
-    from mmengine.config import Config
-
-    from atc.engine import ConfigError
-
-    if not Path(path).is_file():
-        raise ConfigError(f"config file '{path}' not found (configs live in MMDet_setup/configs/mask_rcnn/)")
-    try:
-        cfg = Config.fromfile(path)
-    except Exception as exc:  # noqa: BLE001 - syntax errors, missing _base_ files...
-        raise ConfigError(f"cannot read config '{path}': {exc}") from exc
-    options = dict(options or {})
-    unknown = sorted({k.split(".")[0] for k in options} - set(cfg.keys()) - EXTRA_KEYS)
-    if unknown:
-        raise ConfigError(f"--cfg-options: unknown config key(s) {unknown} (top-level keys: "
-                          f"{', '.join(sorted(set(cfg.keys()) | EXTRA_KEYS))})")
-    if options:
-        try:
-            cfg.merge_from_dict(options)
-        except Exception as exc:  # noqa: BLE001 - e.g. indexing into a non-dict value
-            raise ConfigError(f"--cfg-options could not be applied: {exc}") from exc
-    if work_dir:
-        cfg.work_dir = work_dir
-    return cfg
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def train_from_args(args: argparse.Namespace) -> dict[str, Any] | None:
+    """Build the config and model (failing fast on bad settings, before any data is read), then train."""
     from atc import distributed as D
-    from atc.data.common import DatasetError
-    from atc.engine import ConfigError
+    from atc.detection.config import check_launcher, load_config
+    from atc.detection.engine import build_model, train
     from atc.tracking import require_wandb
 
     try:
-        if args.launcher == "pytorch" and "RANK" not in os.environ:
-            raise ConfigError("--launcher pytorch needs torchrun (RANK/WORLD_SIZE unset); use --launcher none")
+        check_launcher(args.launcher)
         require_wandb(args.wandb_project)
         cfg = load_config(args.config, args.cfg_options, args.work_dir)
-        from atc.detection.engine import build_model, train
-
-        build_model(cfg)  # fail fast on a bad model config (linkage, keep fraction...) before loading data
+        build_model(cfg)  # a bad model config (linkage, keep fraction...) is reported before loading data
         res = train(cfg, resume=args.resume or cfg.get("resume_from"), wandb_project=args.wandb_project,
                     wandb_group=args.wandb_group, wandb_name=args.wandb_name)
         if D.is_main_process() and res:
             print("final: " + " ".join(f"{k}={v:.4f}" for k, v in res.items()))
-    except (ConfigError, DatasetError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return res
     finally:
         D.cleanup()
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Exit code: 0, or 2 with one ``error: ...`` line for a bad option, file or checkpoint."""
+    from atc.cli import run_cli
+
+    return run_cli(train_from_args, build_parser(), argv)
 
 
 if __name__ == "__main__":

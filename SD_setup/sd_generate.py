@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -144,8 +143,7 @@ def load_metadata(folder: Path, args: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> Path:
     args = build_parser().parse_args(argv)
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from imagenet_classes import select_classes
+    from atc.sd.imagenet_classes import select_classes
 
     try:
         classes = select_classes(args.classes)

@@ -216,6 +216,8 @@ def _blocks_average(flat: np.ndarray, bounds: np.ndarray, num_clusters: int, lab
 
 
 _BLOCKS = (_blocks_single, _blocks_complete, _blocks_average)  # indexed by SINGLE, COMPLETE, AVERAGE
+#: The linkage ids compiled here (``atc.cluster.Linkage.numba_id``).
+LINKAGE_IDS = (SINGLE, COMPLETE, AVERAGE)
 
 
 def cluster_gram_blocks(flat: np.ndarray, bounds: np.ndarray, num_clusters: int, linkage: int,
@@ -224,5 +226,8 @@ def cluster_gram_blocks(flat: np.ndarray, bounds: np.ndarray, num_clusters: int,
     covers rows ``bounds[r, 0] <= i < bounds[r, 1]`` against tokens ``k >= bounds[r, 0]``, stored as
     (B, rows, T - start). They hold cosine similarities, turned into the distances ``clamp(1 - g, 0, 2)`` of
     ``atc.cluster._fill_distances`` here, bit for bit. Only pairs above the diagonal are read. Writes ``labels``
-    (B, T); parallel over the batch."""
+    (B, T); parallel over the batch. ``linkage`` is one of :data:`LINKAGE_IDS`."""
+    if linkage not in LINKAGE_IDS:  # a bad index (-1) must not run another linkage's loop
+        raise ValueError(f"the numba backend has no compiled linkage with id {linkage!r}: it has {LINKAGE_IDS} "
+                         f"(SINGLE, COMPLETE, AVERAGE)")
     _BLOCKS[linkage](flat, bounds, num_clusters, labels)

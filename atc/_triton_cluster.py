@@ -31,6 +31,8 @@ import triton
 import triton.language as tl
 
 SINGLE, COMPLETE, AVERAGE = 0, 1, 2
+#: The linkage ids the kernel has a ``LINKAGE`` branch for (``atc.cluster.Linkage.triton_id``).
+LINKAGE_IDS = (SINGLE, COMPLETE, AVERAGE)
 
 #: Largest token count the kernel accepts: its per-cluster vectors must fit the registers of one program
 #: (above ~4096 they start to spill to local memory, still correct but slower).
@@ -182,6 +184,9 @@ def cluster_gram(gram: torch.Tensor, num_clusters: int, linkage: int, flag: torc
     ``samples_per_program`` overrides the launch configuration's (a power of two; for tests)."""
     bsz, t, _ = gram.shape
     assert t <= MAX_TOKENS, "checked by atc.cluster"
+    if linkage not in LINKAGE_IDS:  # the kernel's last branch would otherwise run average linkage
+        raise ValueError(f"the triton kernel has no linkage with id {linkage!r}: it has {LINKAGE_IDS} "
+                         f"(SINGLE, COMPLETE, AVERAGE)")
     dist = torch.empty_like(gram)
     nnd = torch.empty(bsz, t, dtype=torch.float64, device=gram.device)
     labels = torch.empty(bsz, t, dtype=torch.long, device=gram.device)

@@ -33,7 +33,8 @@ Backends
     any device (the fallback on GPUs without Triton; launch-bound there). ``numba``: compiled nearest-neighbour
     Lance-Williams loop, parallel over the batch (the fastest on CPU). ``scipy``, ``sklearn``, ``fastcluster``:
     per-sample reference libraries. ``cuml``: RAPIDS (single linkage only). ``auto``: ``triton`` on CUDA when
-    Triton is importable (else ``torch``), the fastest installed CPU backend on CPU.
+    Triton is importable (else ``torch``), the fastest installed CPU backend on CPU; in both cases only among
+    the backends that implement the linkage (see :class:`Linkage`).
 
 NaN and inf
     A non-finite metric raises ``ValueError``. On CUDA the triton backend checks on the device instead of
@@ -44,9 +45,14 @@ NaN and inf
 Under ``torch.compile`` the call is the custom operator ``torch.ops.atc.agglomerative_clustering``, so compiled
 models trace through it (``fullgraph=True`` works).
 
-Adding a linkage is a local change: add a :class:`Linkage` entry to :data:`LINKAGES` (its Lance-Williams
-update, used by the torch backend), the same update to ``_lance_williams`` in :mod:`atc._numba_cluster` (with its
-compiled loop in ``_BLOCKS``) and a ``LINKAGE`` branch in :mod:`atc._triton_cluster`'s kernel.
+Adding a linkage is one entry in :data:`LINKAGES`: a :class:`Linkage` with its Lance-Williams update runs on the
+torch backend (any device) and reaches every patcher and CLI; giving it a ``scipy_method`` (or
+``sklearn_linkage``, ``cuml_linkage``) that those libraries know adds their backends too. The backends that
+do not have it refuse it, naming those that do, and ``auto`` picks one that has it. The compiled backends
+need their own copy of the update, optional and only for speed: an id in ``_lance_williams`` and a loop in
+``_BLOCKS`` of :mod:`atc._numba_cluster` (``numba_id``), a ``LINKAGE`` branch in :mod:`atc._triton_cluster`'s
+kernel (``triton_id``); their loops assume a reducible linkage (a merged cluster is never closer to another
+than the nearer of its parts), which the torch loop does not.
 """
 
 from __future__ import annotations
@@ -88,18 +94,24 @@ class BackendUnavailableError(ValueError):
 # --------------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Linkage:
-    """A Lance-Williams linkage.
+    """A Lance-Williams linkage, and which backends implement it.
 
     ``update(d_ak, d_bk, n_a, n_b)`` returns the distance from the merged cluster ``a ∪ b`` to every other
-    cluster ``k`` given ``d(a, k)``, ``d(b, k)`` and the cluster sizes. ``numba_id`` selects the same update in
-    the compiled backend; ``scipy_method`` names it for scipy/fastcluster, ``sklearn_linkage`` for sklearn.
+    cluster ``k`` given ``d(a, k)``, ``d(b, k)`` and the cluster sizes (tensors of any broadcastable shape); the
+    ``torch`` backend runs it as given, so every linkage has that backend. The other fields name the linkage in
+    the backends that have it built in, ``None`` where a backend does not (that backend then refuses it, naming
+    the backends that can): ``numba_id`` and ``triton_id`` select a compiled update (the ids of
+    :mod:`atc._numba_cluster` and :mod:`atc._triton_cluster`), ``scipy_method`` is the ``method`` of scipy's and
+    fastcluster's ``linkage``, ``sklearn_linkage`` scikit-learn's ``linkage``, ``cuml_linkage`` RAPIDS cuML's.
     """
 
     name: str
     update: Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
-    numba_id: int
-    scipy_method: str
-    sklearn_linkage: str
+    numba_id: int | None = None
+    scipy_method: str | None = None
+    sklearn_linkage: str | None = None
+    triton_id: int | None = None
+    cuml_linkage: str | None = None
 
 
 def _single(d_ak: Tensor, d_bk: Tensor, n_a: Tensor, n_b: Tensor) -> Tensor:
@@ -116,9 +128,9 @@ def _average(d_ak: Tensor, d_bk: Tensor, n_a: Tensor, n_b: Tensor) -> Tensor:
 
 
 LINKAGES: dict[str, Linkage] = {
-    "single": Linkage("single", _single, 0, "single", "single"),
-    "complete": Linkage("complete", _complete, 1, "complete", "complete"),
-    "average": Linkage("average", _average, 2, "average", "average"),
+    "single": Linkage("single", _single, 0, "single", "single", triton_id=0, cuml_linkage="single"),
+    "complete": Linkage("complete", _complete, 1, "complete", "complete", triton_id=1),
+    "average": Linkage("average", _average, 2, "average", "average", triton_id=2),
 }
 
 
@@ -553,7 +565,7 @@ def _cluster_triton(metric: Tensor, k: int, linkage: Linkage) -> Tensor:
     flags = _nonfinite_flags(metric.device)
     if deferred:
         flags.raise_if_set(int(flags.host[0]))  # host memory: no synchronisation
-    labels = cluster_gram(_gram_square(metric, check=not deferred), k, linkage.numba_id, flags.flag)
+    labels = cluster_gram(_gram_square(metric, check=not deferred), k, linkage.triton_id, flags.flag)
     flags.after_launch()
     return labels
 
@@ -564,7 +576,8 @@ def _cluster_cuml(metric: Tensor, k: int, linkage: Linkage) -> Tensor:
     unit = _unit_rows(metric).to(torch.float32)
     out = []
     for b in range(unit.shape[0]):
-        model = AgglomerativeClustering(n_clusters=k, metric="cosine", linkage="single", connectivity="pairwise")
+        model = AgglomerativeClustering(n_clusters=k, metric="cosine", linkage=linkage.cuml_linkage,
+                                        connectivity="pairwise")
         labels = model.fit_predict(unit[b])
         out.append(torch.as_tensor(np.asarray(labels.get() if hasattr(labels, "get") else labels), dtype=torch.long))
     return canonical_labels(torch.stack(out).to(metric.device))
@@ -574,19 +587,21 @@ def _cluster_cuml(metric: Tensor, k: int, linkage: Linkage) -> Tensor:
 class _Backend:
     run: Callable[..., Tensor]
     modules: tuple[str, ...]
+    # The Linkage field this backend reads: a linkage whose field is None is one the backend does not have.
+    linkage_field: str
     needs_cuda: bool = False
     # Usable without CUDA when this environment variable is "1" (Triton's interpreter runs kernels on CPU).
     cpu_env: str | None = None
 
 
 BACKENDS: dict[str, _Backend] = {
-    "torch": _Backend(_cluster_torch, ()),
-    "triton": _Backend(_cluster_triton, ("triton",), needs_cuda=True, cpu_env="TRITON_INTERPRET"),
-    "numba": _Backend(_cluster_numba, ("numba",)),
-    "scipy": _Backend(_cluster_scipy, ("scipy",)),
-    "sklearn": _Backend(_cluster_sklearn, ("sklearn",)),
-    "fastcluster": _Backend(_cluster_fastcluster, ("fastcluster",)),
-    "cuml": _Backend(_cluster_cuml, ("cuml",), needs_cuda=True),
+    "torch": _Backend(_cluster_torch, (), "update"),
+    "triton": _Backend(_cluster_triton, ("triton",), "triton_id", needs_cuda=True, cpu_env="TRITON_INTERPRET"),
+    "numba": _Backend(_cluster_numba, ("numba",), "numba_id"),
+    "scipy": _Backend(_cluster_scipy, ("scipy",), "scipy_method"),
+    "sklearn": _Backend(_cluster_sklearn, ("sklearn",), "sklearn_linkage"),
+    "fastcluster": _Backend(_cluster_fastcluster, ("fastcluster",), "scipy_method"),
+    "cuml": _Backend(_cluster_cuml, ("cuml",), "cuml_linkage", needs_cuda=True),
 }
 
 # Fastest first, as measured by benchmark_atc_framework.py on CPU.
@@ -606,21 +621,48 @@ def _installed(backend: str) -> bool:
     return _importable(spec.modules)
 
 
-def available_backends() -> list[str]:
-    """Names of the backends usable on this machine (``auto`` not included)."""
-    return [name for name in BACKENDS if _installed(name)]
+def _supports(backend: str, link: Linkage) -> bool:
+    return getattr(link, BACKENDS[backend].linkage_field) is not None
 
 
-def resolve_backend(backend: str, device: torch.device | str = "cpu") -> str:
-    """Map ``backend`` (a name or ``"auto"``) to a concrete installed backend for ``device``."""
+def available_backends(linkage: str | None = None) -> list[str]:
+    """Names of the backends usable on this machine (``auto`` not included); with ``linkage``, only those that
+    implement it (see :class:`Linkage`)."""
+    link = None if linkage is None else validate_linkage(linkage)
+    return [name for name in BACKENDS if _installed(name) and (link is None or _supports(name, link))]
+
+
+def _unsupported_linkage(backend: str, link: Linkage) -> ValueError:
+    has = [name for name, other in LINKAGES.items() if _supports(backend, other)]
+    can = [name for name in BACKENDS if _supports(name, link)]
+    here = [name for name in can if _installed(name)]
+    return ValueError(
+        f"the {backend} clustering backend does not implement {link.name!r} linkage (it has "
+        f"{has[0] + ' linkage only' if len(has) == 1 else ', '.join(has) or 'none'}); {link.name!r} linkage is implemented "
+        f"by the {', '.join(can)} backends (installed here: {', '.join(here) or 'none'}): pass one of those, "
+        f"or backend='auto'")
+
+
+def resolve_backend(backend: str, device: torch.device | str = "cpu", linkage: str | Linkage | None = None) -> str:
+    """Map ``backend`` (a name or ``"auto"``) to a concrete installed backend for ``device``.
+
+    With ``linkage``, ``"auto"`` picks a backend that implements it, and a named backend that does not raises
+    ``ValueError`` naming the backends that do.
+    """
     if not isinstance(backend, str) or (backend != "auto" and backend not in BACKENDS):
         raise ValueError(f"unknown backend {backend!r}: choose 'auto' or one of {list(BACKENDS)}")
+    link = validate_linkage(linkage) if isinstance(linkage, str) else linkage
     if backend == "auto":
         if torch.device(device).type == "cuda":
-            return "triton" if _installed("triton") else "torch"
+            if _installed("triton") and (link is None or _supports("triton", link)):
+                return "triton"
+            return "torch"
         if torch.device(device).type != "cpu":
             return "torch"
-        return next(b for b in _CPU_PREFERENCE if _installed(b))
+        # torch implements every linkage, so the search always ends.
+        return next(b for b in _CPU_PREFERENCE if _installed(b) and (link is None or _supports(b, link)))
+    if link is not None and not _supports(backend, link):  # first: installing the backend would not help
+        raise _unsupported_linkage(backend, link)
     if not _installed(backend):
         raise BackendUnavailableError(f"clustering backend {backend!r} is not available here: it needs "
                                       f"{_BACKEND_NEEDS.get(backend, _pip_hint(backend))}")
@@ -649,8 +691,10 @@ def agglomerative_clustering(
     Args:
         metric: ``(B, T, C)`` token features, any float dtype and device.
         num_clusters: ``K`` with ``1 <= K <= T``.
-        linkage: ``"single"``, ``"complete"`` or ``"average"``.
-        backend: ``"auto"`` or one of :func:`available_backends`.
+        linkage: a key of :data:`LINKAGES` (``"single"``, ``"complete"``, ``"average"``).
+        backend: ``"auto"`` (the fastest installed backend for ``metric``'s device that implements ``linkage``)
+            or one of :func:`available_backends`; a backend that does not implement ``linkage`` raises
+            ``ValueError`` naming those that do.
 
     Returns:
         ``LongTensor (B, T)`` on ``metric.device``; labels in ``[0, K)`` numbered by smallest token index.
@@ -668,12 +712,7 @@ def _agglomerative_clustering(metric: Tensor, num_clusters: int, linkage: str, b
     metric = _check_metric(metric)
     bsz, t, _ = metric.shape
     k = _check_num_clusters(num_clusters, t)
-    name = resolve_backend(backend, metric.device)
-    if name == "cuml" and link.name != "single":
-        raise ValueError(
-            f"the cuml backend supports single linkage only (RAPIDS cuML's AgglomerativeClustering), got "
-            f"{link.name!r}: use backend='torch' for {link.name} linkage on the GPU"
-        )
+    name = resolve_backend(backend, metric.device, link)
     if bsz == 0:
         return torch.empty(0, t, dtype=torch.long, device=metric.device)
     # K = T and K = 1 need no distances. Their metric is still checked, except where that would wait for the

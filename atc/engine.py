@@ -1,146 +1,42 @@
-"""Training and evaluation engine shared by ``train_deit.py``, ``train_mae.py`` and ``reproduce_digits_table.py``.
+"""The training loop shared by ``train_deit.py``, ``train_mae.py``, ``reproduce_digits_table.py`` and (its optimiser
+step) the detection trainer.
 
-One loop for every setup: AMP (bf16 on CPU, fp16/bf16 on CUDA), gradient accumulation, gradient clipping,
-EMA updated per optimiser step, timm schedulers stepped per epoch or per optimiser step, distillation,
-multi-label (mAP) or single-label (top-1/top-5) evaluation, atomic checkpoints with every RNG state (a resumed
-deterministic run reproduces an uninterrupted one exactly), automatic resume, per-epoch CSV/JSONL logs and
-optional Weights & Biases logging (:mod:`atc.tracking`).
+One loop for every classification setup: AMP (bf16 on CPU, fp16/bf16 on CUDA), gradient accumulation, gradient
+clipping, EMA updated per optimiser step, timm schedulers stepped per epoch or per optimiser step, distillation,
+multi-label (mAP) or single-label (top-1/top-5) evaluation, atomic checkpoints with every RNG state
+(:mod:`atc.checkpoint`; a resumed deterministic run reproduces an uninterrupted one exactly), automatic resume,
+and per-epoch logs (:class:`atc.tracking.EpochLogger`: CSV/JSONL, optional Weights & Biases).
+
+Where the rest lives: models by name in :mod:`atc.models` (:func:`~atc.models.build_classifier`), data loaders in
+:mod:`atc.data`, checkpoints in :mod:`atc.checkpoint`, the CLI error type in :mod:`atc.cli`.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import random
 import time
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
 import torch.nn as nn
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from atc import distributed as D
-from atc.cluster import LINKAGES
-from atc.merge import validate_keep_rate
-from atc.utils import atomic_save, atomic_write_text
-
-if TYPE_CHECKING:
-    from atc.tracking import WandbRun
+from atc.checkpoint import load_for_resume, rng_state, save_checkpoint, set_rng_state
+from atc.cli import ConfigError
+from atc.tracking import EpochLogger
 
 __all__ = [
-    "REDUCTION_PREFIXES", "LINKAGES", "ConfigError", "build_classifier", "parse_model_kwargs", "validate_reduction",
-    "load_pretrained", "amp_dtype_for", "autocast", "train_one_epoch", "evaluate", "mean_average_precision",
-    "rng_state", "set_rng_state", "save_checkpoint", "load_for_resume", "find_resume", "EpochLogger", "fit",
-    "FitConfig", "ShardSampler", "build_train_sampler", "count_parameters", "unwrap",
+    "amp_dtype_for", "autocast", "backward", "optimizer_step", "no_sync_unless", "train_one_epoch", "evaluate",
+    "mean_average_precision", "fit", "FitConfig", "count_parameters", "unwrap",
 ]
-
-# Registered model families (atc.models) that take token-reduction kwargs.
-REDUCTION_PREFIXES = ("atc_", "tome_", "kmedoids_", "dpcknn_")
-
-
-class ConfigError(ValueError):
-    """A bad command-line option; raised before any heavy work with a message naming the fix."""
-
-
-# ----------------------------------------------------------------------------------------------------------- model
-def parse_model_kwargs(items: Sequence[str] | None) -> dict[str, Any]:
-    """``["embed_dim=64", "depth=4"]`` -> ``{"embed_dim": 64, "depth": 4}`` (values parsed as JSON when possible)."""
-    out: dict[str, Any] = {}
-    for item in items or []:
-        if "=" not in item:
-            raise ConfigError(f"--model-kwargs expects key=value pairs, got {item!r}")
-        key, value = item.split("=", 1)
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
-
-
-def is_reduction_model(name: str) -> bool:
-    return name.startswith(REDUCTION_PREFIXES)
-
-
-def validate_reduction(keep_rate: float | Sequence[float] | None, reduction_loc: Sequence[int] | None,
-                       linkage: str | None, depth: int | None = None) -> None:
-    """Check reduction flags; raise :class:`ConfigError` with the fix. ``depth`` = number of blocks if known."""
-    rates = keep_rate if isinstance(keep_rate, (list, tuple)) else [keep_rate]
-    for kr in rates:
-        if kr is not None:
-            try:
-                validate_keep_rate(kr, "--reduction_ratio/--keep_rate")
-            except ValueError as exc:
-                raise ConfigError(f"{exc}.") from None
-    if linkage is not None and linkage not in LINKAGES:
-        raise ConfigError(f"unknown linkage {linkage!r}; choose one of {', '.join(sorted(LINKAGES))}.")
-    for loc in reduction_loc or []:
-        if loc < 0 or (depth is not None and loc >= depth):
-            raise ConfigError(f"reduction location {loc} is outside the model's blocks 0..{(depth or 1) - 1} "
-                              "(--reduction_loc is 0-indexed).")
-
-
-def build_classifier(
-    model_name: str, num_classes: int, img_size: int, *, drop_rate: float = 0.0, drop_path_rate: float = 0.0,
-    reduction_loc: Sequence[int] | None = None, keep_rate: float | None = None, linkage: str = "average",
-    proportional_attn: bool = False, model_kwargs: dict[str, Any] | None = None,
-) -> nn.Module:
-    """Create a (randomly initialised) classifier by registered timm name.
-
-    ``atc_/tome_/kmedoids_/dpcknn_*`` names (registered by :mod:`atc.models`) receive the reduction kwargs;
-    plain timm names (``deit_*``, ``vit_*``) do not. Raises :class:`ConfigError` for unknown names or
-    reduction locations beyond the model's depth.
-    """
-    import timm
-
-    kwargs = dict(model_kwargs or {})
-    reduction: dict[str, Any] = {}
-    if is_reduction_model(model_name):
-        try:
-            import atc.models  # noqa: F401  (registers the reduction models with timm)
-        except ImportError as exc:
-            raise ConfigError(f"model {model_name!r} needs atc.models, which could not be imported: {exc}") from exc
-        validate_reduction(keep_rate, reduction_loc, linkage if model_name.startswith("atc_") else None)
-        reduction = dict(reduction_loc=list(reduction_loc if reduction_loc is not None else [3, 6, 9]),
-                         keep_rate=1.0 if keep_rate is None else keep_rate, linkage=linkage,
-                         proportional_attn=proportional_attn)
-    if not timm.is_model(model_name):
-        close = timm.list_models(f"*{model_name.split('_')[0]}*")[:8]
-        raise ConfigError(f"unknown model {model_name!r}. Examples: {', '.join(close) or 'deit_tiny_patch16_224'}; "
-                          "token-reduction models: atc_/tome_/kmedoids_/dpcknn_{tiny,small,base}_patch16_224.")
-    depth = kwargs.get("depth")
-    if depth is not None and reduction_loc and reduction:
-        validate_reduction(None, reduction_loc, None, depth)
-    common = dict(pretrained=False, num_classes=num_classes, img_size=img_size, drop_rate=drop_rate,
-                  drop_path_rate=drop_path_rate)
-    try:
-        if reduction and ARCH_KWARGS & set(kwargs):
-            # The registered names fix the DeiT size; a custom architecture (tests, the digits table) is the
-            # same timm DeiT with the same patch applied through the public atc.patch API.
-            import atc.patch
-            from atc.patch.common import KeepRateSchedule
-
-            method, size = model_name.split("_")[:2]
-            model = timm.create_model(f"deit_{size}_patch16_224", **common, **kwargs)
-            atc.patch.timm(model, method=method, linkage=reduction["linkage"],
-                           prop_attn=reduction["proportional_attn"])
-            model.r = model.keep_schedule = KeepRateSchedule.build(reduction["reduction_loc"], reduction["keep_rate"],
-                                                                   len(model.blocks))
-        else:
-            model = timm.create_model(model_name, **common, **reduction, **kwargs)
-    except (ValueError, AssertionError, TypeError) as exc:
-        raise ConfigError(f"cannot build {model_name!r} with {kwargs}: {exc}") from exc
-    return model
-
-
-# timm kwargs that change a registered model's architecture (size) rather than its behaviour.
-ARCH_KWARGS = {"embed_dim", "depth", "num_heads", "patch_size", "mlp_ratio"}
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -150,43 +46,6 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in unwrap(model).parameters())
-
-
-def load_pretrained(model: nn.Module, path: str | os.PathLike, *, interpolate_pos: bool = True,
-                    drop_mismatched_head: bool = True, use_ema: bool | None = None) -> list[str]:
-    """Load weights for fine-tuning (DeiT's ``--finetune``): the position embedding is resampled (bicubic) to the
-    model's grid, and a classifier head of a different shape is dropped. Returns the missing keys.
-
-    The weights are picked from the file by :func:`atc.checkpoint.state_dict_from_checkpoint` (the EMA weights
-    of a ``best_checkpoint.pth`` whose ``ema_best`` is set, else ``model``, ...; ``use_ema`` as there).
-    Raises :class:`ConfigError` if the file is missing or its weights do not fit the architecture.
-    """
-    from atc.checkpoint import CheckpointError, read_checkpoint, resample_pos_embed, state_dict_from_checkpoint
-
-    if not Path(path).is_file():
-        raise ConfigError(f"checkpoint '{path}' does not exist.")
-    try:
-        state = dict(state_dict_from_checkpoint(read_checkpoint(path), use_ema=use_ema, source=str(path)))
-    except CheckpointError as exc:
-        raise ConfigError(str(exc)) from None
-    own = model.state_dict()
-    if interpolate_pos:
-        # DeiT's fine-tuning rule: plain bicubic, no antialiasing when shrinking
-        resample_pos_embed(model, state, antialias=False)
-    if drop_mismatched_head:
-        for key in [k for k in state if k.startswith(("head.", "head_dist."))]:
-            if key in own and state[key].shape != own[key].shape:
-                del state[key]
-    bad = [k for k in state if k in own and state[k].shape != own[k].shape]
-    if bad:
-        raise ConfigError(f"checkpoint '{path}' does not fit the model architecture: shape mismatch for "
-                          f"{bad[:5]} (e.g. {tuple(state[bad[0]].shape)} vs {tuple(own[bad[0]].shape)}). "
-                          "Build the model that produced it (--model, --model-kwargs).")
-    result = model.load_state_dict(state, strict=False)
-    if len(result.unexpected_keys) > len(own) // 2:
-        raise ConfigError(f"checkpoint '{path}' does not match the model: {len(result.unexpected_keys)} "
-                          f"unexpected keys, e.g. {result.unexpected_keys[:3]}.")
-    return list(result.missing_keys)
 
 
 # ------------------------------------------------------------------------------------------------------------- AMP
@@ -207,37 +66,35 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> Any:
     return torch.autocast(device_type=device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
-# ----------------------------------------------------------------------------------------------------- samplers
-class ShardSampler(Sampler[int]):
-    """Evaluation sharding without padding: rank r gets indices r, r+W, r+2W, ... (exact metrics after gather)."""
-
-    def __init__(self, dataset: Dataset, num_replicas: int, rank: int) -> None:
-        self.n, self.num_replicas, self.rank = len(dataset), num_replicas, rank
-
-    def __iter__(self):
-        return iter(range(self.rank, self.n, self.num_replicas))
-
-    def __len__(self) -> int:
-        return len(range(self.rank, self.n, self.num_replicas))
-
-
-def build_train_sampler(dataset: Dataset, seed: int, repeated_aug: bool = False, num_repeats: int = 3) -> Sampler:
-    """Shuffling sampler whose order depends only on ``(seed, epoch)`` (call ``set_epoch``), so resumed and
-    multi-process runs see the same data; each process gets its interleaved share of the global order."""
-    from torch.utils.data import DistributedSampler
-
-    world, rank = D.get_world_size(), D.get_rank()
-    if repeated_aug:
-        from timm.data.distributed_sampler import RepeatAugSampler
-
-        return RepeatAugSampler(dataset, num_replicas=world, rank=rank, shuffle=True, num_repeats=num_repeats)
-    return DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
-
-
 # --------------------------------------------------------------------------------------------------- train / eval
-def _set_requires_grad_none(params: Iterable[nn.Parameter]) -> None:
-    for p in params:
+def no_sync_unless(model: nn.Module, last_micro_batch: bool) -> AbstractContextManager:
+    """Under DDP, only the micro-batch that ends an accumulation round synchronises gradients."""
+    return nullcontext() if last_micro_batch or not hasattr(model, "no_sync") else model.no_sync()
+
+
+def backward(loss: Tensor, accum_steps: int = 1, scaler: Any = None) -> None:
+    """Backpropagate one micro-batch's share of an accumulation round (through the fp16 loss scaler if any)."""
+    scaled = loss / accum_steps
+    (scaler.scale(scaled) if scaler is not None else scaled).backward()
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, params: Iterable[nn.Parameter], *, scaler: Any = None,
+                   clip_grad: float | None = None, skip_params: Sequence[nn.Parameter] = ()) -> None:
+    """End an accumulation round: unscale, clip the gradient norm of ``params`` to ``clip_grad``, step (through
+    the scaler, which skips steps with inf/NaN gradients) and clear the gradients. ``skip_params`` get no update
+    (their gradients are dropped: frozen parts during ``--backbone_freeze_steps``)."""
+    for p in skip_params:
         p.grad = None
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    if clip_grad:
+        torch.nn.utils.clip_grad_norm_(params, clip_grad)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 def train_one_epoch(
@@ -275,32 +132,20 @@ def train_one_epoch(
         if mixup_fn is not None:
             images, targets = mixup_fn(images, targets)
         last_micro = (i + 1) % accum_steps == 0
-        sync = nullcontext() if last_micro or not hasattr(model, "no_sync") else model.no_sync()
-        with sync:
+        with no_sync_unless(model, last_micro):
             with autocast(device, amp_dtype):
                 outputs = model(images)
                 loss = criterion(images, outputs, targets) if distillation else criterion(outputs, targets)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch}, batch {i}; lower the learning "
                                          "rate or disable AMP.")
-            scaled = loss / accum_steps
-            (scaler.scale(scaled) if scaler is not None else scaled).backward()
+            backward(loss, accum_steps, scaler)
         loss_sum += loss.detach().double().cpu()
         loss_count += 1
         image_count += images.shape[0]
         if last_micro:
-            if num_updates < freeze_steps:
-                _set_requires_grad_none(frozen_params)
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            if clip_grad:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer_step(optimizer, model.parameters(), scaler=scaler, clip_grad=clip_grad,
+                           skip_params=frozen_params if num_updates < freeze_steps else ())
             num_updates += 1
             if model_ema is not None:
                 model_ema.update(unwrap(model), step=num_updates)
@@ -371,145 +216,6 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device, *, multil
     if return_outputs:
         result["logits"], result["targets"] = logits, targets
     return result
-
-
-# ------------------------------------------------------------------------------------------------- checkpointing
-def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_checkpoint(path: str | os.PathLike, **state: Any) -> Path:
-    """Atomically save a checkpoint dict (only on the main process); returns the path."""
-    if D.is_main_process():
-        atomic_save(state, path)
-    return Path(path)
-
-
-def find_resume(resume: str | None, output_dir: str | os.PathLike | None) -> Path | None:
-    """``--resume PATH`` if given (must exist), else ``output_dir/checkpoint.pth`` if present, else None."""
-    if resume:
-        if not Path(resume).is_file():
-            raise ConfigError(f"--resume '{resume}' does not exist.")
-        return Path(resume)
-    if output_dir and (Path(output_dir) / "checkpoint.pth").is_file():
-        return Path(output_dir) / "checkpoint.pth"
-    return None
-
-
-def load_for_resume(path: str | os.PathLike, model: nn.Module, *, optimizer: Any = None, model_ema: Any = None,
-                    scaler: Any = None, lr_scheduler: Any = None) -> dict[str, Any]:
-    """Restore model/EMA/optimiser/scaler/scheduler states from a training checkpoint; return the checkpoint
-    (``epoch`` = last finished epoch, ``num_updates``, ``best``, ``rng``...). RNG states are restored by
-    :func:`fit` after the data loaders are built."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(ckpt, dict) or "model" not in ckpt:
-        raise ConfigError(f"'{path}' is not a training checkpoint (no 'model' entry).")
-    try:
-        unwrap(model).load_state_dict(ckpt["model"])
-    except (RuntimeError, ValueError) as exc:
-        raise ConfigError(f"checkpoint '{path}' does not fit this model (was it trained with other --model / "
-                          f"--model-kwargs / --input-size?): {str(exc).splitlines()[0]}") from exc
-    if model_ema is not None and ckpt.get("model_ema") is not None:
-        model_ema.module.load_state_dict(ckpt["model_ema"])
-    if optimizer is not None and ckpt.get("optimizer") is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
-    if scaler is not None and ckpt.get("scaler") is not None:
-        scaler.load_state_dict(ckpt["scaler"])
-    if lr_scheduler is not None and ckpt.get("lr_scheduler") is not None:
-        lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
-    return ckpt
-
-
-# -------------------------------------------------------------------------------------------------------- logging
-class EpochLogger:
-    """Per-epoch rows to ``log.csv`` and ``log.jsonl`` in ``output_dir`` (always), and to Weights & Biases when
-    a project is given (:mod:`atc.tracking`: offline unless ``WANDB_MODE`` says otherwise; a wandb failure is
-    reported once and never stops training).
-
-    ``run_id`` continues that W&B run (the id stored in the checkpoint being resumed). Without it, the id kept in
-    ``output_dir`` is continued when resuming (``start_epoch > 0``) or when no epoch was logged yet (a run
-    killed in its first epoch); otherwise a new W&B run starts.
-    """
-
-    def __init__(self, output_dir: str | os.PathLike | None, *, start_epoch: int = 0, wandb_project: str | None = None,
-                 wandb_group: str | None = None, config: dict[str, Any] | None = None,
-                 run_name: str | None = None, run_id: str | None = None) -> None:
-        self.dir = Path(output_dir) if output_dir else None
-        self.rows: list[dict[str, Any]] = []
-        self.tracker: WandbRun | None = None
-        if not D.is_main_process():
-            return
-        logged_before = False
-        if self.dir is not None and (self.dir / "log.jsonl").is_file():
-            # Keep the rows of finished epochs from the run being resumed; a killed epoch is redone.
-            for line in (self.dir / "log.jsonl").read_text().splitlines():
-                if line.strip():
-                    row = json.loads(line)
-                    logged_before = True
-                    if row.get("epoch", -1) < start_epoch:
-                        self.rows.append(row)
-        if wandb_project:
-            from atc.tracking import WandbRun, read_run_id
-
-            if run_id is None and (start_epoch > 0 or not logged_before):
-                run_id = read_run_id(self.dir)
-            name = run_name or (self.dir.resolve().name if self.dir is not None else None)
-            self.tracker = WandbRun(wandb_project, group=wandb_group, name=name, config=config, folder=self.dir,
-                                    run_id=run_id)
-
-    @property
-    def tracking(self) -> bool:
-        """Whether rows also go to a W&B run."""
-        return self.tracker is not None and self.tracker.active
-
-    @property
-    def wandb_run_id(self) -> str | None:
-        """The W&B run's id (stored in checkpoints so that a resumed training continues the run), or None."""
-        return self.tracker.id if self.tracker is not None else None
-
-    def log(self, row: dict[str, Any]) -> None:
-        if not D.is_main_process():
-            return
-        self.rows.append(row)
-        if self.dir is not None:
-            from atc.utils import write_csv
-
-            atomic_write_text("".join(json.dumps(r) + "\n" for r in self.rows), self.dir / "log.jsonl")
-            write_csv(self.rows, self.dir / "log.csv")
-        if self.tracker is not None:
-            self.tracker.log(row, step=row.get("epoch"))
-
-    def summary(self, values: dict[str, Any]) -> None:
-        """Run-summary values of the W&B run (e.g. the best checkpoint's metrics); nothing without one."""
-        if self.tracker is not None:
-            self.tracker.summary(values)
-
-    def update_config(self, values: dict[str, Any]) -> None:
-        """Add values to the W&B run's config; nothing without one."""
-        if self.tracker is not None:
-            self.tracker.update_config(values)
-
-    def finish(self, exit_code: int = 0) -> None:
-        """Close the W&B run, if any (``exit_code`` != 0 marks it failed)."""
-        if self.tracker is not None:
-            self.tracker.finish(exit_code)
-
-    def __enter__(self) -> "EpochLogger":
-        return self
-
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        self.finish(exit_code=0 if exc_type is None else 1)
 
 
 # ------------------------------------------------------------------------------------------------------------ fit
@@ -670,56 +376,3 @@ def _fmt(res: dict[str, Any], multilabel: bool) -> str:
     if multilabel:
         return f"mAP {res['mAP']:.2f} loss {res['loss']:.4f}"
     return f"top1 {res['top1']:.2f} top5 {res['top5']:.2f} loss {res['loss']:.4f}"
-
-
-# --------------------------------------------------------------------------------------------------------- loaders
-def usable_workers(requested: int) -> int:
-    """Data-loader workers: the requested count (the published default is 10), capped at the CPUs this process
-    may use, since more only slows a small machine down."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(0, min(requested, cpus))
-
-
-def build_loaders(dataset: str, root: str | None, input_size: int, batch_size: int, *, num_workers: int = 0,
-                  seed: int = 0, repeated_aug: bool = False, dist_eval: bool = False, pin_mem: bool = True,
-                  train: bool = True, eval_batch_size: int | None = None, crop_pct: float | None = None,
-                  **train_transform: Any) -> tuple[DataLoader | None, DataLoader, Any]:
-    """Train loader (sharded, order fixed by ``(seed, epoch)``, drop_last) and val loader (sequential, or
-    sharded without padding under ``dist_eval``). Returns ``(train_loader or None, val_loader, info)``."""
-    from atc.data import build_dataset
-
-    num_workers = usable_workers(num_workers)
-    common = {"crop_pct": crop_pct} if crop_pct else {}
-    ds_val, info = build_dataset(dataset, root, "val", input_size, is_train=False, **common)
-    val_sampler = (ShardSampler(ds_val, D.get_world_size(), D.get_rank()) if dist_eval
-                   else torch.utils.data.SequentialSampler(ds_val))
-    pin = pin_mem and torch.cuda.is_available()
-    val_loader = DataLoader(ds_val, batch_size=eval_batch_size or int(1.5 * batch_size), sampler=val_sampler,
-                            num_workers=num_workers, pin_memory=pin, drop_last=False)
-    train_loader = None
-    if train:
-        ds_train, _ = build_dataset(dataset, root, "train", input_size, is_train=True, **common, **train_transform)
-        if len(ds_train) < batch_size * D.get_world_size():
-            raise ConfigError(f"the training set has {len(ds_train)} images, fewer than one global batch "
-                              f"({batch_size} x {D.get_world_size()}); lower the batch size.")
-        sampler = build_train_sampler(ds_train, seed, repeated_aug=repeated_aug)
-        train_loader = DataLoader(ds_train, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                                  pin_memory=pin, drop_last=True)
-    return train_loader, val_loader, info
-
-
-# ------------------------------------------------------------------------------------------------------------ CLI
-def run_cli(main: Callable[[Any], Any], parser: Any, argv: list[str] | None = None) -> int:
-    """Parse ``argv`` with ``parser``, run ``main(args)``; a :class:`ConfigError` or a dataset error becomes one
-    ``error: ...`` line on stderr and exit code 2 instead of a traceback."""
-    import sys
-
-    from atc.data import DatasetError
-
-    args = parser.parse_args(argv)
-    try:
-        main(args)
-    except (ConfigError, DatasetError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0

@@ -5,7 +5,9 @@ Importing this module (``import atc`` does it) registers the names with timm:
     import timm, atc.models
     model = timm.create_model("atc_small_patch16_224", reduction_loc=[3, 6, 9], keep_rate=0.7,
                               linkage="complete", proportional_attn=True, num_classes=1000, img_size=224)
-    atc.models.load_checkpoint(model, "best_checkpoint.pth")   # timm/DeiT state dict or the paper's format
+    atc.checkpoint.load_checkpoint(model, "best_checkpoint.pth")   # timm/DeiT state dict or the paper's format
+
+or, with the checks and the errors the scripts use, :func:`build_classifier` (plain timm names too).
 
 Each is timm's DeiT (``VisionTransformer``, or ``VisionTransformerDistilled`` for ``_distilled``) patched with
 :func:`atc.patch.timm` and a :class:`~atc.patch.common.KeepRateSchedule`: after reduction location ``idx``
@@ -20,16 +22,19 @@ ToMe's published token layout, and DPC-KNN's learned token scores under the publ
 
 from __future__ import annotations
 
-import os
 from typing import Any, Sequence
 
 import torch
 from torch import nn
 
-from atc.checkpoint import CheckpointError, read_checkpoint, resample_pos_embed, state_dict_from_checkpoint
+from atc.checkpoint import CheckpointError, load_checkpoint, load_state_dict_checked
+from atc.cli import ConfigError
+from atc.cluster import LINKAGES
+from atc.merge import validate_keep_rate
 from atc.patch.common import KeepRateSchedule, check_options, patched_class
 
-__all__ = ["load_checkpoint", "MODEL_NAMES", "CheckpointError"]
+__all__ = ["build_classifier", "validate_reduction", "is_reduction_model", "load_checkpoint", "MODEL_NAMES",
+           "REDUCTION_PREFIXES", "CheckpointError"]
 
 _SIZES = {
     "tiny": dict(embed_dim=192, depth=12, num_heads=3),
@@ -38,6 +43,8 @@ _SIZES = {
 }
 _METHODS = ("atc", "tome", "kmedoids", "dpcknn")
 MODEL_NAMES: list[str] = []
+#: Name prefixes of the registered families, which take the token-reduction arguments.
+REDUCTION_PREFIXES = tuple(f"{m}_" for m in _METHODS)
 
 
 def _build(
@@ -47,7 +54,7 @@ def _build(
     pretrained: bool = False,
     reduction_loc: Sequence[int] = (3, 6, 9),
     keep_rate: float | Sequence[float] = 0.9,
-    linkage: str = "complete",
+    linkage: str | None = None,
     proportional_attn: bool | None = None,
     checkpoint_path: str | None = None,
     backend: str = "auto",
@@ -65,7 +72,10 @@ def _build(
             "pretrained=True would download weights, which this project never does: pass a local file as "
             "checkpoint_path (or call atc.models.load_checkpoint(model, path))"
         )
+    if linkage is None:  # the published models' default
+        linkage = "complete"
     check_options(method, linkage, metric)
+    # embed_dim/depth/num_heads/patch_size/mlp_ratio override the named size (small models for tests and digits)
     arch = dict(_SIZES[size], **{k: kwargs.pop(k) for k in list(kwargs) if k in ("embed_dim", "depth", "num_heads")})
     depth = arch["depth"]
     # validated before the (possibly large) model is built
@@ -77,7 +87,7 @@ def _build(
     model = cls(**arch, **kwargs)
     if proportional_attn is None:  # as published: ATC/ToMe blocks use it, the K-Medoids/DPC-KNN models do not
         proportional_attn = method in ("atc", "tome")
-    atc.patch.timm(model, method=method, linkage=linkage, prop_attn=proportional_attn, backend=backend,
+    atc.patch.timm(model, method=method, linkage=linkage, proportional_attn=proportional_attn, backend=backend,
                    metric=metric, layout=layout)
     model.r = schedule
     if method == "dpcknn":
@@ -146,72 +156,75 @@ def _register() -> None:
                 MODEL_NAMES.append(name)
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Checkpoints
-# --------------------------------------------------------------------------------------------------------------
-def load_checkpoint(model: nn.Module, path: str | os.PathLike[str], strict_head: bool = True, *,
-                    use_ema: bool | None = None, drop_mismatched_head: bool | None = None) -> nn.Module:
-    """Load local weights into ``model`` (a registered model or any timm ViT), in place.
-
-    Accepts every layout :func:`atc.checkpoint.state_dict_from_checkpoint` reads (a plain timm/DeiT state dict,
-    ``{"state_dict": ...}``, or the paper's checkpoint with ``model``/``model_ema``/``ema_best``), with its
-    priority and ``use_ema``. The position embedding is resampled (bicubic) when the checkpoint was trained at
-    another input size. Parameters the patch adds (DPC-KNN's token scores: ``cluster_layers.N.score`` in the
-    registered models, as published, ``blocks.N.atc_token_score`` in other patched models) may be absent.
-    ``drop_mismatched_head=True`` (or the older ``strict_head=False``) skips classifier weights of another class
-    count (fine-tuning on a new dataset).
-
-    Raises:
-        CheckpointError: missing file, or keys/shapes that do not match (all mismatches are listed).
-    """
-    if drop_mismatched_head is not None:
-        strict_head = not drop_mismatched_head
-    path = str(path)
-    checkpoint = read_checkpoint(path)
-    state_dict = dict(state_dict_from_checkpoint(checkpoint, use_ema=use_ema, source=path))
-    return _check_and_load(model, state_dict, path, strict_head)
-
-
-def _check_and_load(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str,
-                    strict_head: bool = True) -> nn.Module:
-    state_dict = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state_dict.items()}
-    resample_pos_embed(model, state_dict)
-    own = model.state_dict()
-    head_keys = {k for k in own if k.startswith(("head.", "head_dist."))}
-    # DPC-KNN's token scores are new when fine-tuning from DeiT weights (the published code lists them as
-    # its new modules): they may be absent
-    missing = [k for k in own if k not in state_dict and "atc_token_score" not in k
-               and not k.startswith(_NEW_MODULES)]
-    unexpected = [k for k in state_dict if k not in own]
-    shape = [
-        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in own
-        if k in state_dict and state_dict[k].shape != own[k].shape
-    ]
-    if not strict_head:
-        shape = [s for s in shape if s.split(":")[0] not in head_keys]
-        for k in head_keys:
-            if k in state_dict and state_dict[k].shape != own[k].shape:
-                del state_dict[k]
-    if missing or unexpected or shape:
-        arch = getattr(model, "pretrained_cfg", {}) or {}
-        lines = [f"checkpoint {source} does not fit this model ({type(model).__name__}"
-                 f"{', ' + arch['architecture'] if 'architecture' in arch else ''}): is it another architecture?"]
-        for title, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shape)):
-            if keys:
-                lines.append(f"  {title} ({len(keys)}): " + ", ".join(keys[:20]) + (" ..." if len(keys) > 20 else ""))
-        raise CheckpointError("\n".join(lines))
-    nn.Module.load_state_dict(model, state_dict, strict=False)
-    return model
-
-
 def _registered_load_state_dict(self: nn.Module, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
     """``timm.create_model(..., checkpoint_path=...)`` loads through here: pos-embed resampling and a clear
     error listing mismatched keys instead of a deep traceback."""
     if not strict:
         return nn.Module.load_state_dict(self, state_dict, strict=False, assign=assign)
-    _check_and_load(self, dict(state_dict), "state dict")
+    load_state_dict_checked(self, dict(state_dict), "state dict")
     return torch.nn.modules.module._IncompatibleKeys([], [])
 
 
 _register()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Building a classifier by name, with the checks and errors the scripts use
+# --------------------------------------------------------------------------------------------------------------
+def is_reduction_model(name: str) -> bool:
+    """Whether ``name`` is a registered token-reduction model (takes ``reduction_loc``/``keep_rate``/...)."""
+    return name.startswith(REDUCTION_PREFIXES)
+
+
+def validate_reduction(keep_rate: float | Sequence[float] | None, reduction_loc: Sequence[int] | None,
+                       linkage: str | None, depth: int | None = None) -> None:
+    """Check reduction flags; raise :class:`~atc.cli.ConfigError` naming the fix. ``depth`` = number of blocks if
+    known."""
+    rates = keep_rate if isinstance(keep_rate, (list, tuple)) else [keep_rate]
+    for kr in rates:
+        if kr is not None:
+            try:
+                validate_keep_rate(kr, "--reduction_ratio/--keep_rate")
+            except ValueError as exc:
+                raise ConfigError(f"{exc}.") from None
+    if linkage is not None and linkage not in LINKAGES:
+        raise ConfigError(f"unknown linkage {linkage!r}; choose one of {', '.join(sorted(LINKAGES))}.")
+    for loc in reduction_loc or []:
+        if loc < 0 or (depth is not None and loc >= depth):
+            raise ConfigError(f"reduction location {loc} is outside the model's blocks 0..{(depth or 1) - 1} "
+                              "(--reduction_loc is 0-indexed).")
+
+
+def build_classifier(
+    model_name: str, num_classes: int, img_size: int, *, drop_rate: float = 0.0, drop_path_rate: float = 0.0,
+    reduction_loc: Sequence[int] | None = None, keep_rate: float | Sequence[float] | None = None,
+    linkage: str | None = None, proportional_attn: bool | None = None, model_kwargs: dict[str, Any] | None = None,
+) -> nn.Module:
+    """Create a randomly initialised classifier by registered timm name, for the training/validation scripts.
+
+    Registered token-reduction names (``atc_/tome_/kmedoids_/dpcknn_*``) receive the reduction arguments; a
+    ``None`` keeps the registered models' default (``reduction_loc`` 3 6 9, ``keep_rate`` 0.9, linkage
+    ``complete``, proportional attention on for ATC/ToMe and off for K-Medoids/DPC-KNN), so a model is the same
+    wherever it is built. Plain timm names (``deit_*``, ``vit_*``) ignore them. ``model_kwargs`` go to timm
+    (e.g. ``embed_dim``/``depth``/``patch_size`` for a smaller model). Bad names or settings raise
+    :class:`~atc.cli.ConfigError`.
+    """
+    import timm
+
+    kwargs = dict(model_kwargs or {})
+    if is_reduction_model(model_name):
+        validate_reduction(keep_rate, reduction_loc, linkage if model_name.startswith("atc_") else None,
+                           kwargs.get("depth"))
+        given = dict(reduction_loc=None if reduction_loc is None else list(reduction_loc),
+                     keep_rate=keep_rate, linkage=linkage,
+                     proportional_attn=proportional_attn)
+        kwargs.update({k: v for k, v in given.items() if v is not None})
+    if not timm.is_model(model_name):
+        close = timm.list_models(f"*{model_name.split('_')[0]}*")[:8]
+        raise ConfigError(f"unknown model {model_name!r}. Examples: {', '.join(close) or 'deit_tiny_patch16_224'}; "
+                          "token-reduction models: atc_/tome_/kmedoids_/dpcknn_{tiny,small,base}_patch16_224.")
+    try:
+        return timm.create_model(model_name, pretrained=False, num_classes=num_classes, img_size=img_size,
+                                 drop_rate=drop_rate, drop_path_rate=drop_path_rate, **kwargs)
+    except (ValueError, AssertionError, TypeError) as exc:
+        raise ConfigError(f"cannot build {model_name!r} with {kwargs}: {exc}") from exc

@@ -1,4 +1,5 @@
-"""Weights & Biases tracking for the training loops (:class:`atc.engine.EpochLogger` uses it).
+"""Per-epoch logs of the training loops (:class:`EpochLogger`: ``log.csv``/``log.jsonl`` always) and their
+optional Weights & Biases tracking.
 
 What it guarantees, so that a long run never depends on it:
 
@@ -24,7 +25,7 @@ from typing import Any, Mapping
 
 from atc import distributed as D
 
-__all__ = ["WandbRun", "add_wandb_arguments", "require_wandb", "wandb_mode", "history_key",
+__all__ = ["EpochLogger", "WandbRun", "add_wandb_arguments", "require_wandb", "wandb_mode", "history_key",
            "read_run_id", "write_run_id", "RUN_ID_FILE"]
 
 #: File in the output folder that remembers the W&B run id of the training run kept there.
@@ -53,13 +54,13 @@ def wandb_mode() -> str:
 
 
 def require_wandb(project: str | None) -> None:
-    """Raise :class:`atc.engine.ConfigError` naming the fix if ``--wandb_project`` is given but the wandb package
+    """Raise :class:`atc.cli.ConfigError` naming the fix if ``--wandb_project`` is given but the wandb package
     is missing (checked before any heavy work; nothing is imported)."""
     import importlib.util
 
     if not project or wandb_mode() == "disabled" or importlib.util.find_spec("wandb") is not None:
         return
-    from atc.engine import ConfigError
+    from atc.cli import ConfigError
 
     raise ConfigError("--wandb_project needs the wandb package: `.venv/bin/pip install -c requirements/constraints.txt "
                       "-r requirements/base.txt` (or drop --wandb_project; log.csv/log.jsonl are always written).")
@@ -184,3 +185,81 @@ class WandbRun:
             run.finish(exit_code=exit_code)
         except Exception as exc:  # noqa: BLE001
             self._fail("could not finish the W&B run", exc)
+
+
+class EpochLogger:
+    """Per-epoch rows to ``log.csv`` and ``log.jsonl`` in ``output_dir`` (always), and to Weights & Biases when
+    a project is given (:mod:`atc.tracking`: offline unless ``WANDB_MODE`` says otherwise; a wandb failure is
+    reported once and never stops training).
+
+    ``run_id`` continues that W&B run (the id stored in the checkpoint being resumed). Without it, the id kept in
+    ``output_dir`` is continued when resuming (``start_epoch > 0``) or when no epoch was logged yet (a run
+    killed in its first epoch); otherwise a new W&B run starts.
+    """
+
+    def __init__(self, output_dir: str | os.PathLike | None, *, start_epoch: int = 0, wandb_project: str | None = None,
+                 wandb_group: str | None = None, config: dict[str, Any] | None = None,
+                 run_name: str | None = None, run_id: str | None = None) -> None:
+        self.dir = Path(output_dir) if output_dir else None
+        self.rows: list[dict[str, Any]] = []
+        self.tracker: WandbRun | None = None
+        if not D.is_main_process():
+            return
+        logged_before = False
+        if self.dir is not None and (self.dir / "log.jsonl").is_file():
+            # Keep the rows of finished epochs from the run being resumed; a killed epoch is redone.
+            for line in (self.dir / "log.jsonl").read_text().splitlines():
+                if line.strip():
+                    row = json.loads(line)
+                    logged_before = True
+                    if row.get("epoch", -1) < start_epoch:
+                        self.rows.append(row)
+        if wandb_project:
+            if run_id is None and (start_epoch > 0 or not logged_before):
+                run_id = read_run_id(self.dir)
+            name = run_name or (self.dir.resolve().name if self.dir is not None else None)
+            self.tracker = WandbRun(wandb_project, group=wandb_group, name=name, config=config, folder=self.dir,
+                                    run_id=run_id)
+
+    @property
+    def tracking(self) -> bool:
+        """Whether rows also go to a W&B run."""
+        return self.tracker is not None and self.tracker.active
+
+    @property
+    def wandb_run_id(self) -> str | None:
+        """The W&B run's id (stored in checkpoints so that a resumed training continues the run), or None."""
+        return self.tracker.id if self.tracker is not None else None
+
+    def log(self, row: dict[str, Any]) -> None:
+        if not D.is_main_process():
+            return
+        self.rows.append(row)
+        if self.dir is not None:
+            from atc.utils import atomic_write_text, write_csv
+
+            atomic_write_text("".join(json.dumps(r) + "\n" for r in self.rows), self.dir / "log.jsonl")
+            write_csv(self.rows, self.dir / "log.csv")
+        if self.tracker is not None:
+            self.tracker.log(row, step=row.get("epoch"))
+
+    def summary(self, values: dict[str, Any]) -> None:
+        """Run-summary values of the W&B run (e.g. the best checkpoint's metrics); nothing without one."""
+        if self.tracker is not None:
+            self.tracker.summary(values)
+
+    def update_config(self, values: dict[str, Any]) -> None:
+        """Add values to the W&B run's config; nothing without one."""
+        if self.tracker is not None:
+            self.tracker.update_config(values)
+
+    def finish(self, exit_code: int = 0) -> None:
+        """Close the W&B run, if any (``exit_code`` != 0 marks it failed)."""
+        if self.tracker is not None:
+            self.tracker.finish(exit_code)
+
+    def __enter__(self) -> "EpochLogger":
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        self.finish(exit_code=0 if exc_type is None else 1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 import subprocess
@@ -12,9 +13,16 @@ import pandas as pd
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-import benchmark_atc_framework as bench  # noqa: E402
+
+def _load():
+    spec = importlib.util.spec_from_file_location("benchmark_atc_framework", ROOT / "benchmark_atc_framework.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = _load()
 
 
 def test_all_frameworks_agree_and_write_outputs(tmp_path):

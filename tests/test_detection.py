@@ -7,6 +7,7 @@ import argparse
 import csv
 import importlib.util
 import json
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -15,6 +16,7 @@ import pytest
 import torch
 
 from _det_data import TINY_OPTIONS, make_coco
+from atc.detection.config import load_config
 from atc.detection.ms_deform_attn import MSDeformAttn, ms_deform_attn_core
 from atc.detection.svit import SViTAdapter
 from atc.detection.vit_adapter import ViTAdapter
@@ -28,8 +30,8 @@ PUBLISHED = ["model.backbone.linkage=single", "model.backbone.reduction_ratio=0.
 
 
 def _script(name: str):
-    sys.path.insert(0, str(ROOT / "MMDet_setup"))
-    spec = importlib.util.spec_from_file_location(name, ROOT / "MMDet_setup" / f"{name}.py")
+    """A script of MMDet_setup/ as a module (the scripts import only the installed package, never each other)."""
+    spec = importlib.util.spec_from_file_location(f"mmdet_setup_{name}", ROOT / "MMDet_setup" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -78,11 +80,11 @@ def _cfg_options(items: list[str]) -> dict:
 # -------------------------------------------------------------------------------------------------- backbone
 def test_keep_fraction_one_equals_unreduced_backbone():
     image = torch.rand(2, 3, 96, 128)
-    plain = _backbone(reduction_ratio=None)
+    plain = _backbone(keep_rate=None)
     with torch.no_grad():
         want = plain(image)
     for linkage in ("average", "single", "complete", "tome"):
-        reduced = _backbone(reduction_ratio=1.0, linkage=linkage)
+        reduced = _backbone(keep_rate=1.0, linkage=linkage)
         reduced.load_state_dict(plain.state_dict())
         with torch.no_grad():
             got = reduced(image)
@@ -95,7 +97,7 @@ def test_keep_fraction_one_equals_unreduced_backbone():
 @pytest.mark.parametrize("linkage, keep", [("average", 0.7), ("single", 0.5), ("complete", 0.25), ("tome", 0.7)])
 def test_reduction_counts_at_blocks_3_6_9_and_full_grid_outputs(linkage, keep):
     image = torch.rand(2, 3, 128, 128)  # 8x8 = 64 ViT tokens
-    model = _backbone(reduction_ratio=keep, linkage=linkage)
+    model = _backbone(keep_rate=keep, linkage=linkage)
     seen: dict[int, int] = {}
     for i, blk in enumerate(model.blocks):
         blk.register_forward_hook(lambda mod, inp, out, i=i: seen.__setitem__(i, out[0].shape[1]))
@@ -104,7 +106,7 @@ def test_reduction_counts_at_blocks_3_6_9_and_full_grid_outputs(linkage, keep):
         inj.register_forward_hook(lambda mod, inp, out: injected.append(out.shape[1]))
     with torch.no_grad():
         feats = model(image)
-        ref = _backbone(reduction_ratio=None)(image)
+        ref = _backbone(keep_rate=None)(image)
     after3, after6, after9 = _expected_counts(64, keep)
     want = [64] * 3 + [after3] * 3 + [after6] * 3 + [after9] * 3
     assert [seen[i] for i in range(12)] == want
@@ -148,14 +150,14 @@ def test_output_pyramid_adds_the_final_unmerged_tokens_to_every_level(kind, keep
     image = torch.rand(2, 3, 96, 128)
     if kind == "svit":
         torch.manual_seed(0)
-        model = SViTAdapter(**TINY_BACKBONE, keep_ratio=keep).eval()
+        model = SViTAdapter(**TINY_BACKBONE, keep_rate=keep).eval()
     else:
-        model = _backbone(reduction_ratio=keep, linkage=linkage)
+        model = _backbone(keep_rate=keep, linkage=linkage)
     feats, expected = _pyramid_from_final_tokens(model, image)
     for got, want in zip(feats, expected):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     if kind == "vit":  # the per-stage fusion stays available; it shares only the stride-32 level
-        per_stage = _backbone(reduction_ratio=keep, linkage=linkage, vit_features="per_stage")
+        per_stage = _backbone(keep_rate=keep, linkage=linkage, vit_features="per_stage")
         with torch.no_grad():
             other = per_stage(image)
         torch.testing.assert_close(other[3], feats[3], atol=1e-5, rtol=1e-5)
@@ -163,19 +165,19 @@ def test_output_pyramid_adds_the_final_unmerged_tokens_to_every_level(kind, keep
 
 
 def test_svit_blocks_use_the_published_layer_norm_eps():
-    model = SViTAdapter(**TINY_BACKBONE, keep_ratio=0.7)
+    model = SViTAdapter(**TINY_BACKBONE, keep_rate=0.7)
     assert {blk.norm1.eps for blk in model.blocks} == {blk.norm2.eps for blk in model.blocks} == {1e-5}
     assert {blk.norm1.eps for blk in _backbone().blocks} == {1e-6}  # timm's DeiT blocks: 1e-6
 
 
 def test_tome_below_half_is_refused_not_capped():
     with pytest.raises(ValueError, match="at most half"):
-        ViTAdapter(**TINY_BACKBONE, reduction_ratio=0.3, linkage="tome")
+        ViTAdapter(**TINY_BACKBONE, keep_rate=0.3, linkage="tome")
 
 
 def test_svit_prunes_towards_its_targets_and_keeps_the_grid():
     torch.manual_seed(0)
-    model = SViTAdapter(**TINY_BACKBONE, keep_ratio=0.7)
+    model = SViTAdapter(**TINY_BACKBONE, keep_rate=0.7)
     assert [round(model.blocks[i].target_keep, 3) for i in range(3, 12)] == [0.7] * 3 + [0.49] * 3 + [0.343] * 3
     image = torch.rand(2, 3, 64, 64)
     model.train()
@@ -196,20 +198,60 @@ def test_svit_prunes_towards_its_targets_and_keeps_the_grid():
 
 def test_bad_backbone_arguments():
     with pytest.raises(ValueError, match="unknown linkage"):
-        ViTAdapter(**TINY_BACKBONE, reduction_ratio=0.7, linkage="ward")
+        ViTAdapter(**TINY_BACKBONE, keep_rate=0.7, linkage="ward")
     with pytest.raises(ValueError, match="vit_features"):
         ViTAdapter(**TINY_BACKBONE, vit_features="sum")
     with pytest.raises(ValueError, match="layout"):
         ViTAdapter(**TINY_BACKBONE, layout="zigzag")
     for bad in (0.0, 1.5, -0.2):
-        with pytest.raises(ValueError, match=r"\(0, 1\]"):
-            ViTAdapter(**TINY_BACKBONE, reduction_ratio=bad)
+        for key in ("keep_rate", "reduction_ratio"):
+            with pytest.raises(ValueError, match=rf"{key} .*\(0, 1\]"):
+                ViTAdapter(**TINY_BACKBONE, **{key: bad})
     with pytest.raises(ValueError, match="divisible by 32"):
         _backbone()(torch.rand(1, 3, 72, 64))
     with pytest.raises(TypeError, match="unknown arguments"):
-        ViTAdapter(**TINY_BACKBONE, keep_rate=0.5)
-    with pytest.raises(ValueError, match="keep_ratio"):
-        SViTAdapter(**TINY_BACKBONE, reduction_ratio=0.5)
+        ViTAdapter(**TINY_BACKBONE, keep_ratio=0.5)  # SViT's published key; the merging adapters' is reduction_ratio
+    with pytest.raises(ValueError, match="disagree"):
+        SViTAdapter(**TINY_BACKBONE, keep_ratio=0.7, reduction_ratio=0.5)
+
+
+@pytest.mark.parametrize("kind, published", [("ViTAdapter", "reduction_ratio"), ("SViTAdapter", "keep_ratio"),
+                                             ("SViTAdapter", "reduction_ratio")])
+def test_published_config_keys_build_the_same_backbone_as_keep_rate(kind, published):
+    from atc.detection.detector import build_backbone
+
+    image = torch.rand(1, 3, 64, 96)
+    feats = []
+    for key in ("keep_rate", published):
+        torch.manual_seed(0)
+        model = build_backbone({"type": kind, **TINY_BACKBONE, key: 0.5, "linkage": "single"}).eval()
+        assert model.keep_rate == 0.5
+        with torch.no_grad():
+            feats.append(model(image))
+    if kind == "ViTAdapter":
+        assert model.last_token_counts == _expected_counts(24, 0.5)  # keep 0.5 of the 4x6 grid, thrice
+    else:
+        assert [round(model.blocks[i].target_keep, 3) for i in (3, 6, 9)] == [0.5, 0.25, 0.125]
+    for a, b in zip(*feats):
+        assert torch.equal(a, b)
+    # the published config sets reduction_ratio; a user's keep_rate override must not silently lose to it
+    with pytest.raises(ValueError, match="disagree"):
+        build_backbone({"type": kind, **TINY_BACKBONE, published: 0.7, "keep_rate": 0.5})
+    # the same value under both names, or the published configs' None next to a value, is fine
+    assert build_backbone({"type": kind, **TINY_BACKBONE, published: 0.5, "keep_rate": 0.5}).keep_rate == 0.5
+    assert build_backbone({"type": kind, **TINY_BACKBONE, published: None, "keep_rate": 0.5}).keep_rate == 0.5
+
+
+def test_run_description_reads_the_keep_rate_under_either_name():
+    from mmengine.config import Config
+
+    from atc.detection.engine import run_description
+
+    for backbone in ({"reduction_ratio": 0.25}, {"keep_rate": 0.25},
+                     {"type": "SViTAdapter", "keep_ratio": 0.25, "reduction_ratio": None}):
+        cfg = Config({"model": {"backbone": {**backbone, "linkage": "single"}}})
+        assert run_description(cfg)["keep_rate"] == 0.25
+    assert run_description(Config({"model": {"backbone": {"reduction_ratio": None}}}))["method"] == "none"
 
 
 # ------------------------------------------------------------------------------------- deformable attention
@@ -267,7 +309,7 @@ def test_short_training_with_atc_improves_bbox_ap(coco, tmp_path):
         coco, "optimizer.lr=0.003", "runner.max_epochs=10", "lr_config.warmup=None", "lr_config.step=[8]",
         "data.samples_per_gpu=2", "evaluation.interval=100", "evaluation.metric=[bbox]",
         "model.backbone.linkage=average", "model.backbone.reduction_ratio=0.7"))
-    cfg = _script("train_mmdet").load_config(FTUNE_T, options, str(tmp_path / "work"))
+    cfg = load_config(FTUNE_T, options, str(tmp_path / "work"))
     torch.manual_seed(0)
     untrained = evaluate(build_model(cfg), build_dataset(cfg, "val"), torch.device("cpu"), metrics=("bbox",))
     trained = train(cfg)
@@ -311,7 +353,7 @@ def test_train_mmdet_published_options_resume_and_evaluate(coco, tmp_path, capsy
     assert test_mmdet.main([FTUNE_T, str(work / "latest.pth"), "--out", str(out), "--cfg-options",
                             *_options(coco, *PUBLISHED, amp=True)]) == 0
     saved = json.loads(out.read_text())
-    assert saved["linkage"] == "single" and saved["reduction_ratio"] == 0.25 and saved["images"] == 16
+    assert saved["linkage"] == "single" and saved["keep_rate"] == 0.25 and saved["images"] == 16
     metrics = saved["metrics"]
     assert {"bbox_mAP", "segm_mAP"} <= set(metrics) and all(0 <= v <= 1 for v in metrics.values())
     assert metrics["bbox_mAP"] == pytest.approx(ckpt["metrics"]["bbox_mAP"])
@@ -371,6 +413,15 @@ def test_amp_settings_bf16_on_cpu_and_fp16_with_loss_scale_on_gpu():
         assert dtype == torch.float16 and scaler.get_scale() == 512
 
 
+@pytest.mark.parametrize("script", ["train_mmdet", "test_mmdet", "benchmark_backbone"])
+def test_scripts_run_from_any_folder(script, tmp_path):
+    """The scripts need only the installed package: no path set-up, no sibling script, any working folder."""
+    proc = subprocess.run([sys.executable, str(ROOT / "MMDet_setup" / f"{script}.py"), "--help"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "--cfg-options" in proc.stdout
+
+
 def test_launcher_pytorch_outside_torchrun_is_a_clear_error(capsys, monkeypatch):
     monkeypatch.delenv("RANK", raising=False)
     assert _script("train_mmdet").main([FTUNE_T, "--launcher", "pytorch"]) == 2
@@ -412,7 +463,6 @@ def test_full_size_detectors_have_the_published_parameter_counts():
     """ViT-Adapter paper, Mask R-CNN 3x: ViT-Adapter-T 28.1M, ViT-Adapter-S 47.8M parameters."""
     from atc.detection.engine import build_model
 
-    load_config = _script("train_mmdet").load_config
     for name, millions in (("vit-adapter-t-3x", 28.1), ("vit-adapter-s-3x", 47.8)):
         model = build_model(load_config(str(CONFIGS / f"{name}.py")))
         assert sum(p.numel() for p in model.parameters()) / 1e6 == pytest.approx(millions, abs=0.05)
@@ -474,7 +524,7 @@ def test_mmdet_registry_hook_with_a_stand_in_registry(monkeypatch):
     backbone = registry.build(dict(type="ViTAdapter", **TINY_BACKBONE, reduction_ratio=0.5, linkage="average",
                                    pretrained=None, layer_scale=False, window_attn=[False] * 12,
                                    window_size=[None] * 12))
-    assert isinstance(backbone, ViTAdapter) and backbone.reduction_ratio == 0.5
+    assert isinstance(backbone, ViTAdapter) and backbone.keep_rate == 0.5  # the published key, mapped
     assert isinstance(registry.build(dict(type="SViTAdapter", **TINY_BACKBONE)), SViTAdapter)
 
 

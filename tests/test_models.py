@@ -118,10 +118,10 @@ def test_published_defaults_per_method():
     ToMe's published token layout."""
     for method, prop in (("atc", True), ("tome", True), ("kmedoids", False), ("dpcknn", False)):
         model = timm.create_model(f"{method}_tiny_patch16_224", keep_rate=0.7, **SMALL)
-        assert model._atc_state.prop_attn is prop and model._atc_state.layout == "published"
+        assert model._atc_state.proportional_attn is prop and model._atc_state.layout == "published"
     model = timm.create_model("kmedoids_tiny_patch16_224", keep_rate=0.7, proportional_attn=True, layout="spatial",
                               **SMALL)
-    assert model._atc_state.prop_attn and model._atc_state.layout == "spatial"
+    assert model._atc_state.proportional_attn and model._atc_state.layout == "spatial"
 
 
 def test_dpcknn_loads_deit_weights_and_published_checkpoints(tmp_path):

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import copy
-import importlib.util
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,20 +14,9 @@ from diffusers.models.attention import BasicTransformerBlock  # noqa: E402
 from sklearn.cluster import AgglomerativeClustering  # noqa: E402
 
 import atc.patch  # noqa: E402
+import atc.sd.tiny_pipeline as tiny  # noqa: E402
 from atc.patch.diffusers_unet import reseed, sd_destination_mask, token_grid_downsample  # noqa: E402
 
-SD_SETUP = Path(__file__).resolve().parents[1] / "SD_setup"
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"sd_setup_{name}", SD_SETUP / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-tiny = _load("tiny_pipeline")
 LATENT = 16  # 16×16 latent: 256 tokens at full resolution, 64 at downsampling 2
 
 

@@ -317,3 +317,26 @@ def test_r0_runs_exactly_the_unpatched_operators(family):
         with OpLog() as patched:
             model(x)
     assert patched.ops == ref.ops
+
+
+def test_tome_spelling_prop_attn_is_proportional_attn():
+    """ToMe's ``prop_attn=`` is accepted as ``proportional_attn=``: the same model either way; conflicting values
+    raise instead of one silently winning."""
+    x = torch.randn(2, 3, 64, 64)
+    out = {}
+    for key, value in [("proportional_attn", True), ("prop_attn", True), ("proportional_attn", False),
+                       ("prop_attn", False), (None, None)]:
+        model = _make("deit")
+        atc.patch.timm(model, method="tome", **({key: value} if key else {}))
+        model.r = 4
+        with torch.no_grad():
+            out[key, value] = model(x)
+        if key:
+            assert model._atc_state.proportional_attn is value
+    torch.testing.assert_close(out["prop_attn", True], out["proportional_attn", True], rtol=0, atol=0)
+    torch.testing.assert_close(out["prop_attn", False], out["proportional_attn", False], rtol=0, atol=0)
+    torch.testing.assert_close(out[None, None], out["proportional_attn", True], rtol=0, atol=0)  # default on
+    assert (out["proportional_attn", True] - out["proportional_attn", False]).abs().max() > 1e-4  # it matters
+    atc.patch.timm(_make("deit"), proportional_attn=False, prop_attn=False)  # agreeing values are fine
+    with pytest.raises(TypeError, match="prop_attn is ToMe's name for proportional_attn"):
+        atc.patch.timm(_make("deit"), proportional_attn=True, prop_attn=False)

@@ -148,7 +148,7 @@ def test_attention_pool_is_size_weighted(family, method, linkage):
 
 def test_attention_pool_without_merging_runs_timm_pool():
     model = _make("siglip_map")
-    atc.patch.timm(model, method="tome", prop_attn=False)
+    atc.patch.timm(model, method="tome", proportional_attn=False)
     model.r = [0, 0, 0]
     with torch.no_grad():
         model(_images())

@@ -87,6 +87,9 @@ def test_trace_source_and_errors():
         atc.patch.swag(model)
     with pytest.raises(TypeError, match="VisionTransformer"):
         atc.patch.swag(torch.nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="disagree"):  # ToMe's prop_attn spelling must agree with ours
+        atc.patch.swag(_make(), proportional_attn=False, prop_attn=True)
+    assert not atc.patch.swag(_make(), prop_attn=False)._atc_state.proportional_attn
 
 
 def test_layers_share_one_patched_class_and_r0_runs_the_unpatched_operators():

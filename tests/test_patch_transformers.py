@@ -223,6 +223,9 @@ def test_unsupported_options_name_the_option():
     model.eval()
     with pytest.raises(ValueError, match="already patched"):
         atc.patch.transformers(model)
+    with pytest.raises(TypeError, match="disagree"):  # ToMe's prop_attn spelling must agree with ours
+        atc.patch.transformers(_make("vit"), proportional_attn=True, prop_attn=False)
+    assert not atc.patch.transformers(_make("vit"), prop_attn=False)._atc_state.proportional_attn
     with pytest.raises(ValueError, match="Dinov2ForImageClassification"):
         atc.patch.transformers(transformers.Dinov2ForImageClassification(transformers.Dinov2Config(**SMALL)))
     with pytest.raises(TypeError, match="supports ViTModel"):

@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from atc.sd.imagenet_classes import IMAGENET_CLASSES, select_classes
+
 pytest.importorskip("diffusers")
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,24 +21,21 @@ SD_SETUP = ROOT / "SD_setup"
 
 
 def _load(name: str):
-    if str(SD_SETUP) not in sys.path:
-        sys.path.insert(0, str(SD_SETUP))  # the scripts import their sibling modules, as when run directly
+    """A script of SD_setup/ as a module (the scripts import only the installed package, never each other)."""
     spec = importlib.util.spec_from_file_location(f"sd_setup_{name}", SD_SETUP / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
 
 
 sd_generate = _load("sd_generate")
-classes_mod = _load("imagenet_classes")
 valset = _load("create_im_valset")
 
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("tiny_sd") / "pipe"
-    _load("tiny_pipeline").build_tiny_pipeline().save_pretrained(path)
+    _load("tiny_pipeline").main(["--output", str(path)])  # the documented smoke-run command
     return path
 
 
@@ -49,8 +48,9 @@ def test_generate_end_to_end_and_resume(tiny_model, tmp_path):
     out = tmp_path / "gens"
     args = common_args(tiny_model, out) + ["--merge_fn_str", "atc", "--reduction_ratio", "0.5", "--merge_attn",
                                            "--linkage", "complete"]
+    # run from another folder: the script finds everything through the installed package
     proc = subprocess.run([sys.executable, str(SD_SETUP / "sd_generate.py"), *args],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     folder = out / "atc_complete_r0.5_md1_attn"
     names = sorted(p.name for p in folder.glob("*.png"))
@@ -109,16 +109,16 @@ def test_generate_missing_model(tmp_path):
 
 
 def test_class_table():
-    table = classes_mod.IMAGENET_CLASSES
+    table = IMAGENET_CLASSES
     assert [c.index for c in table] == list(range(1000))
     wnids = [c.wnid for c in table]
     assert wnids == sorted(wnids) and len(set(wnids)) == 1000 and all(w.startswith("n") for w in wnids)
     assert len({c.name for c in table}) == 1000
     assert (table[0].name, table[1].name, table[999].wnid) == ("tench", "goldfish", "n15075141")
-    picked = classes_mod.select_classes(["5-7", "goldfish", "n01440764", "6"])
+    picked = select_classes(["5-7", "goldfish", "n01440764", "6"])
     assert [c.index for c in picked] == [0, 1, 5, 6, 7]
     with pytest.raises(ValueError, match="outside 0-999"):
-        classes_mod.select_classes(["990-1000"])
+        select_classes(["990-1000"])
 
 
 def make_val_dir(root: Path, counts: dict[str, int]) -> Path:

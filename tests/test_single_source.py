@@ -39,7 +39,6 @@ class _Parsed(Exception):
 def _parser(script: str, func: str, monkeypatch) -> argparse.ArgumentParser:
     """The script's ArgumentParser, caught as its parse function would use it (nothing is parsed)."""
     path = ROOT / script
-    monkeypatch.syspath_prepend(str(path.parent))  # SD_setup scripts import their siblings when run directly
     spec = importlib.util.spec_from_file_location(f"single_source_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, spec.name, module)
@@ -103,7 +102,8 @@ def test_validate_keep_rate():
 
 def test_keep_rate_check_is_shared_by_engine_and_detection():
     from atc.detection.vit_adapter import ViTAdapter
-    from atc.engine import ConfigError, validate_reduction
+    from atc.cli import ConfigError
+    from atc.models import validate_reduction
 
     with pytest.raises(ConfigError, match=r"outside \(0, 1\]"):
         validate_reduction(1.5, [3], "average")

@@ -119,7 +119,7 @@ def test_offline_run_holds_config_metrics_and_best_and_resume_continues_it(tmp_p
 def test_run_killed_in_its_first_epoch_is_continued_not_duplicated(tmp_path, wandb_env, monkeypatch):
     """No checkpoint yet, nothing logged: the rerun continues the W&B run recorded in the output folder. Once an
     epoch was logged, starting over without resuming (--no-auto-resume) is a new run."""
-    from atc.engine import EpochLogger
+    from atc.tracking import EpochLogger
 
     for key, value in wandb_env.items():
         monkeypatch.setenv(key, value)

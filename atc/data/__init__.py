@@ -24,11 +24,13 @@ from atc.data.coco import CocoMultiLabelDataset
 from atc.data.common import DatasetError, FileListDataset, load_image
 from atc.data.digits import DIGITS_MEAN, DIGITS_STD, DigitsDataset
 from atc.data.imagenet import ImageFolderDataset
+from atc.data.loaders import ShardSampler, build_loaders, build_train_sampler, usable_workers
 from atc.data.nabirds import NABirdsDataset
 from atc.data.nuswide import NUSWideDataset
 from atc.data.transforms import DEFAULT_CROP_PCT, build_multilabel_transform, build_transform
 
-__all__ = ["build_dataset", "DatasetInfo", "DatasetError", "DATASETS", "MULTILABEL_DATASETS", "load_image"]
+__all__ = ["build_dataset", "build_loaders", "build_train_sampler", "ShardSampler", "usable_workers", "DatasetInfo",
+           "DatasetError", "DATASETS", "MULTILABEL_DATASETS", "load_image"]
 
 DATASETS = ("digits", "imagenet", "nabirds", "coco", "nuswide")
 MULTILABEL_DATASETS = ("coco", "nuswide")

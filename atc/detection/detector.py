@@ -24,7 +24,11 @@ BACKBONES = {"ViTAdapter": ViTAdapter, "ViTAdapterT": vit_adapter_tiny, "ViTAdap
 
 def build_backbone(cfg: Mapping[str, Any], load_pretrained: bool = False) -> ViTAdapter:
     """Backbone from ``dict(type=..., **kwargs)``; ``pretrained`` (a local DeiT checkpoint) is only loaded with
-    ``load_pretrained`` (training from scratch), as mmdet only uses it when initialising weights."""
+    ``load_pretrained`` (training from scratch), as mmdet only uses it when initialising weights.
+
+    The published keys of the keep rate (``reduction_ratio``, SViT's ``keep_ratio``) pass through to the
+    backbone, which maps them to ``keep_rate`` (:func:`atc.detection.vit_adapter.resolve_keep_rate`): mapping
+    there rather than here also covers mmdet's registry, which builds the backbone classes directly."""
     cfg = dict(cfg)
     kind = cfg.pop("type", "ViTAdapter")
     if kind not in BACKBONES:

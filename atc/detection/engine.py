@@ -1,7 +1,8 @@
 """Detection training/evaluation loop driven by an mmdet-style mmengine Config.
 
-Reuses :mod:`atc.engine`'s AMP helpers, atomic checkpoints and epoch logger (CSV/JSONL/W&B) and
-:mod:`atc.distributed` (torchrun: NCCL on GPU, gloo on CPU). Config keys follow mmdet 2.x, as the published
+Reuses :mod:`atc.engine`'s AMP helpers and optimiser step (accumulation, loss scaler, clipping),
+:mod:`atc.checkpoint` (one rule for reading weights, atomic checkpoints), :class:`atc.tracking.EpochLogger`
+(CSV/JSONL/W&B) and :mod:`atc.distributed` (torchrun: NCCL on GPU, gloo on CPU). Config keys follow mmdet 2.x, as the published
 configs: ``optimizer`` (+ ``paramwise_cfg.custom_keys``), ``optimizer_config.grad_clip``, ``lr_config`` (step
 policy with linear warm-up, counted in iterations), ``runner.max_epochs``, ``cumulative_iters``, ``fp16``/``amp``,
 ``checkpoint_config`` (``interval``, ``max_keep_ckpts``), ``evaluation``, ``load_from``, ``resume_from``,
@@ -10,7 +11,6 @@ policy with linear warm-up, counted in iterations), ``runner.max_epochs``, ``cum
 
 from __future__ import annotations
 
-import contextlib
 import os
 from pathlib import Path
 from typing import Any
@@ -20,11 +20,15 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from atc import distributed as D
-from atc.checkpoint import CheckpointError, read_checkpoint, state_dict_from_checkpoint
+from atc.checkpoint import (CheckpointError, load_state_dict_checked, read_checkpoint, save_checkpoint,
+                            state_dict_from_checkpoint)
+from atc.cli import ConfigError
+from atc.data import usable_workers
 from atc.detection.coco import CocoInstances, coco_evaluate, collate, to_coco_results
 from atc.detection.detector import build_detector
 from atc.detection.vit_adapter import vit_state_dict_for_adapter
-from atc.engine import ConfigError, EpochLogger, amp_dtype_for, autocast, save_checkpoint, usable_workers
+from atc.engine import amp_dtype_for, autocast, backward, no_sync_unless, optimizer_step
+from atc.tracking import EpochLogger
 from atc.utils import seed_everything
 
 __all__ = ["build_dataset", "build_model", "build_optimizer", "evaluate", "train", "load_weights",
@@ -65,13 +69,8 @@ def build_model(cfg: Any, load_pretrained: bool = False) -> torch.nn.Module:
 
 def _load(path: str | os.PathLike, what: str) -> tuple[Any, dict[str, Any]]:
     """``(checkpoint, state_dict)`` of a local file, weights picked by :mod:`atc.checkpoint`'s rule."""
-    if not Path(path).is_file():
-        raise ConfigError(f"{what} '{path}' not found (only local files are used; nothing is downloaded)")
-    try:
-        ckpt = read_checkpoint(path, what)
-        state = state_dict_from_checkpoint(ckpt, source=f"{what} '{path}'")
-    except CheckpointError as exc:
-        raise ConfigError(str(exc)) from exc
+    ckpt = read_checkpoint(path, what)
+    state = state_dict_from_checkpoint(ckpt, source=f"{what} '{path}'")
     if not state:
         raise ConfigError(f"{what} '{path}' holds no state dict")
     return ckpt, state
@@ -82,19 +81,15 @@ def _mismatch(state: dict[str, Any], own: dict[str, Any]) -> list[str]:
 
 
 def load_checkpoint_model(model: torch.nn.Module, path: str | os.PathLike, what: str = "checkpoint") -> dict:
-    """Strictly load a detector checkpoint written by the training loop; a checkpoint of another architecture
-    (other widths, backbone type or class count) is a clear :class:`ConfigError`. Returns the raw checkpoint."""
+    """Strictly load a detector checkpoint written by the training loop (:func:`atc.checkpoint.load_state_dict_checked`);
+    a checkpoint of another architecture (other widths, backbone type or class count) is a clear
+    :class:`ConfigError`. Returns the raw checkpoint."""
     ckpt, state = _load(path, what)
-    own = model.state_dict()
-    bad, missing = _mismatch(state, own), [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    if bad or missing or unexpected:
-        detail = (f"shape mismatch for {bad[:3]} (e.g. {tuple(state[bad[0]].shape)} in the file vs "
-                  f"{tuple(own[bad[0]].shape)} here)" if bad else
-                  f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}")
-        raise ConfigError(f"{what} '{path}' does not fit this config's model (another architecture? compare "
-                          f"model.backbone type/embed_dim/depth and model.num_classes): {detail}")
-    model.load_state_dict(state)
+    try:
+        load_state_dict_checked(model, state, f"{what} '{path}'")
+    except CheckpointError as exc:
+        raise ConfigError(f"{exc}\n  (this config's model: compare model.backbone type/embed_dim/depth and "
+                          "model.num_classes)") from None
     return ckpt if isinstance(ckpt, dict) else {}
 
 
@@ -220,11 +215,14 @@ def run_description(cfg: Any) -> dict[str, Any]:
     """What a detection run compares, under the names train_deit.py logs (for the W&B config, next to the full
     config): ``backbone`` (its type), ``method`` (``atc``, ``tome``, ``svit`` or ``none``), ``linkage``,
     ``keep_rate``, ``reduction_loc``, ``proportional_attn``, ``seed``."""
+    from atc.detection.svit import DEFAULT_KEEP_RATE as SVIT_KEEP_RATE
+    from atc.detection.vit_adapter import config_keep_rate
+
     backbone = dict(_plain(cfg.model).get("backbone") or {})
     kind = backbone.get("type", "ViTAdapter")
-    keep = backbone.get("reduction_ratio")
+    keep = config_keep_rate(backbone)  # keep_rate or its published keys reduction_ratio / keep_ratio
     if kind == "SViTAdapter":
-        method, keep = "svit", backbone.get("keep_ratio")
+        method, keep = "svit", SVIT_KEEP_RATE if keep is None else keep
     elif keep is None:
         method = "none"
     else:
@@ -240,7 +238,7 @@ def train(cfg: Any, *, resume: str | None = None, wandb_project: str | None = No
     """Train ``cfg.runner.max_epochs`` epochs with gradient accumulation (``cumulative_iters``) and AMP,
     evaluating every ``evaluation.interval`` epochs; atomic checkpoints ``latest.pth``/``epoch_N.pth`` in
     ``cfg.work_dir``. Resumes from ``resume`` or, when ``auto_resume`` (default), ``work_dir/latest.pth``.
-    With ``wandb_project``, the epochs also go to a W&B run (:class:`atc.engine.EpochLogger`; a resumed training
+    With ``wandb_project``, the epochs also go to a W&B run (:class:`atc.tracking.EpochLogger`; a resumed training
     continues its run). Returns the last evaluation."""
     device = D.init_distributed(str(cfg.get("device", "auto")))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
@@ -309,28 +307,19 @@ def train(cfg: Any, *, resume: str | None = None, wandb_project: str | None = No
                     g["lr"] = g["initial_lr"] * lr_factor(lr_cfg, epoch, it)
                 images = [im.to(device) for im in images]
                 targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
+                # mmcv's GradientCumulativeOptimizerHook: a trailing incomplete round still updates
                 update = (step + 1) % accum == 0 or step + 1 == len(loader)
-                # Under DDP, only the micro-batch that ends an accumulation round synchronises gradients.
-                sync = contextlib.nullcontext() if update or not D.is_dist() else ddp.no_sync()
-                with sync:
+                with no_sync_unless(ddp, update):
                     with autocast(device, amp_dtype):
                         losses = ddp(images, targets)
                     loss = sum(losses.values())
                     if not torch.isfinite(loss):
                         raise RuntimeError(f"non-finite loss {loss.item()} at epoch {epoch + 1} step {step}: lower "
                                            f"optimizer.lr or set optimizer_config.grad_clip")
-                    (scaler.scale(loss / accum) if scaler else loss / accum).backward()
+                    backward(loss, accum, scaler)
                 if update:
-                    if scaler:
-                        scaler.unscale_(optimizer)
-                    if grad_clip:
-                        torch.nn.utils.clip_grad_norm_(model.parameters(), float(dict(grad_clip).get("max_norm", 35)))
-                    if scaler:
-                        scaler.step(optimizer)
-                        scaler.update()
-                    else:
-                        optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
+                    optimizer_step(optimizer, model.parameters(), scaler=scaler,
+                                   clip_grad=float(dict(grad_clip).get("max_norm", 35)) if grad_clip else None)
                 it += 1
                 total, n = total + loss.item(), n + 1
                 bar.set_postfix(loss=f"{total / n:.3f}")

@@ -5,8 +5,9 @@ Per pruning block a selector ``LayerNorm -> Mlp(C, C/4, 2) -> LogSoftmax`` decid
 processes. Training: hard Gumbel-softmax (tau=1) decisions, unselected tokens are masked out of the attention
 keys and copied through; ratio loss ``4 * mean over blocks of (mean(s) - keep)^2``. Inference: only the selected
 tokens run through the block; the rest are copied, so the full grid is always kept for the adapter.
-Keep targets: ``[.7,.7,.7,.49,.49,.49,.343,.343,.343]`` on blocks 3-11, i.e. ``keep_ratio ** stage``, so the
-kept fraction compounds stage by stage, like the merging backbones' keep rate.
+Keep targets: ``[.7,.7,.7,.49,.49,.49,.343,.343,.343]`` on blocks 3-11, i.e. ``keep_rate ** stage``, so the
+kept fraction compounds stage by stage, like the merging backbones' keep rate. The published SViT configs call
+``keep_rate`` ``keep_ratio``; :func:`atc.detection.vit_adapter.resolve_keep_rate` maps it.
 """
 
 from __future__ import annotations
@@ -15,15 +16,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from atc.detection.vit_adapter import Block, Mlp, ViTAdapter
-from atc.merge import validate_keep_rate
+from atc.detection.vit_adapter import Block, Mlp, ViTAdapter, resolve_keep_rate
 
-__all__ = ["SViTBlock", "SViTAdapter", "svit_keep_ratios"]
+__all__ = ["SViTBlock", "SViTAdapter", "svit_keep_targets", "DEFAULT_KEEP_RATE"]
+
+#: The published SViT keep rate (targets .7/.49/.343 per stage).
+DEFAULT_KEEP_RATE = 0.7
 
 
-def svit_keep_ratios(keep_ratio: float, prune_start: int = 3, depth: int = 12, stage_len: int = 3) -> dict[int, float]:
-    """Block index -> target keep fraction: ``keep_ratio ** (1 + (i - prune_start) // stage_len)``."""
-    return {i: keep_ratio ** (1 + (i - prune_start) // stage_len) for i in range(prune_start, depth)}
+def svit_keep_targets(keep_rate: float, prune_start: int = 3, depth: int = 12, stage_len: int = 3) -> dict[int, float]:
+    """Block index -> target keep fraction: ``keep_rate ** (1 + (i - prune_start) // stage_len)``."""
+    return {i: keep_rate ** (1 + (i - prune_start) // stage_len) for i in range(prune_start, depth)}
 
 
 class SViTBlock(Block):
@@ -66,21 +69,22 @@ class SViTBlock(Block):
 
 
 class SViTAdapter(ViTAdapter):
-    """ViT-Adapter whose blocks prune tokens dynamically (SViT); ``keep_ratio`` sets the per-stage targets."""
+    """ViT-Adapter whose blocks prune tokens dynamically (SViT); ``keep_rate`` (default 0.7) sets the per-stage
+    targets ``keep_rate ** stage``. ``keep_ratio`` (the published SViT configs' key) and ``reduction_ratio`` (the
+    merging configs' key, which the SViT configs set to ``None``) are accepted as its published names, mapped by
+    :func:`atc.detection.vit_adapter.resolve_keep_rate` (two of them set to different values is an error)."""
 
     block_cls = SViTBlock
 
-    def __init__(self, *, keep_ratio: float = 0.7, prune_start: int = 3, ratio_loss_weight: float = 4.0,
-                 **kw: object) -> None:
-        if kw.pop("reduction_ratio", None) is not None:
-            raise ValueError("SViTAdapter prunes dynamically with keep_ratio (targets keep_ratio**stage); "
-                             "set model.backbone.keep_ratio instead of reduction_ratio")
+    def __init__(self, *, keep_rate: float | None = None, prune_start: int = 3, ratio_loss_weight: float = 4.0,
+                 keep_ratio: float | None = None, reduction_ratio: float | None = None, **kw: object) -> None:
+        keep = resolve_keep_rate(keep_rate=keep_rate, keep_ratio=keep_ratio, reduction_ratio=reduction_ratio)
         kw.pop("linkage", None)  # inherited from the merging configs; SViT has no clustering
         kw.pop("method", None)
-        validate_keep_rate(keep_ratio, "keep_ratio")
-        super().__init__(reduction_ratio=None, **kw)
-        self.keep_ratio, self.ratio_loss_weight = keep_ratio, float(ratio_loss_weight)
-        for i, target in svit_keep_ratios(keep_ratio, prune_start, len(self.blocks)).items():
+        super().__init__(keep_rate=None, **kw)  # no merging: the blocks prune instead
+        self.keep_rate = DEFAULT_KEEP_RATE if keep is None else keep
+        self.ratio_loss_weight = float(ratio_loss_weight)
+        for i, target in svit_keep_targets(self.keep_rate, prune_start, len(self.blocks)).items():
             self.blocks[i].target_keep = target
 
     def extra_loss(self) -> Tensor | None:

@@ -13,26 +13,66 @@ features plus, by default (``vit_features="final"``, as the published ViT-Adapte
 the final ViT tokens unmerged to the full grid and resized bilinearly ×4, ×2, ×1, ×0.5 to every level;
 ``vit_features="per_stage"`` adds each interaction stage's tokens to its own level instead (the later upstream
 ViT-Adapter release).
+
+Names: ``keep_rate`` is the fraction of the current tokens kept at each reduction location (SViT: per stage).
+The published configs call it ``reduction_ratio`` (merging adapters: ``--cfg-options
+model.backbone.reduction_ratio=0.25``) and ``keep_ratio`` (SViT); the backbones accept those keys, mapped to
+``keep_rate`` in one place, :func:`resolve_keep_rate`. (Stable Diffusion's ``--reduction_ratio`` is another
+quantity, the fraction *removed*; see :mod:`atc.patch.diffusers_unet`.)
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+import math
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from atc.detection.ms_deform_attn import MSDeformAttn
+from atc.checkpoint import resize_pos_embed
 from atc.cluster import LINKAGES
+from atc.detection.ms_deform_attn import MSDeformAttn
 from atc.merge import (LAYOUTS, MERGE_METHODS, Merge, identity_merge, max_removable, merge_by_method,
                        proportional_attention_bias, validate_keep_rate)
 
 __all__ = ["ViTAdapter", "Block", "planned_token_counts", "vit_adapter_tiny", "vit_adapter_small",
-           "load_vit_weights", "vit_state_dict_for_adapter"]
+           "load_vit_weights", "vit_state_dict_for_adapter", "resolve_keep_rate", "config_keep_rate",
+           "PUBLISHED_KEEP_RATE_KEYS"]
 
 #: How the ViT tokens join the output pyramid (see the module docstring).
 VIT_FEATURES = ("final", "per_stage")
+
+#: The published config keys meaning ``keep_rate`` (the fraction of tokens kept): ``reduction_ratio`` in the
+#: token-merging adapter configs, ``keep_ratio`` in the SViT configs.
+PUBLISHED_KEEP_RATE_KEYS = ("reduction_ratio", "keep_ratio")
+
+
+def resolve_keep_rate(**given: float | None) -> float | None:
+    """The one place the published keys of the keep rate (:data:`PUBLISHED_KEEP_RATE_KEYS`) become ``keep_rate``.
+
+    ``given`` maps ``keep_rate`` and/or published keys to their values, ``None`` meaning not set (the published
+    plain-adapter configs write ``reduction_ratio=None``). Returns the keep rate, or ``None`` when none is set.
+    Raises ``ValueError`` naming the key when a value is outside ``(0, 1]``, or when two keys set different
+    values (``--cfg-options model.backbone.keep_rate=0.5`` on a config with ``reduction_ratio=0.7`` must not
+    silently pick one).
+    """
+    unknown = sorted(set(given) - {"keep_rate", *PUBLISHED_KEEP_RATE_KEYS})
+    if unknown:
+        raise TypeError(f"resolve_keep_rate got unknown keys {unknown}")
+    values = {key: validate_keep_rate(value, f"{key} (the fraction of tokens kept)")
+              for key, value in given.items() if value is not None}
+    if len(set(values.values())) > 1:
+        said = ", ".join(f"{key}={value:g}" for key, value in values.items())
+        raise ValueError(f"{said} disagree: each sets the fraction of tokens kept (keep_rate; reduction_ratio and "
+                         f"keep_ratio are its published config names), set only one")
+    return next(iter(values.values()), None)
+
+
+def config_keep_rate(backbone: Mapping[str, Any]) -> float | None:
+    """The keep rate a backbone config dict sets, under ``keep_rate`` or a published key (see
+    :func:`resolve_keep_rate`); for readers of a config (run descriptions) that do not build the backbone."""
+    return resolve_keep_rate(**{key: backbone.get(key) for key in ("keep_rate", *PUBLISHED_KEEP_RATE_KEYS)})
 
 
 def planned_token_counts(num_tokens: int, keep_rate: float, num_locations: int) -> list[int]:
@@ -218,7 +258,7 @@ class ViTAdapter(nn.Module):
         embed_dim, depth, num_heads, mlp_ratio, patch_size, pretrain_size: the plain ViT (DeiT-T: 192/12/3).
         conv_inplane, n_points, deform_num_heads, deform_ratio, cffn_ratio, init_values: adapter settings.
         interaction_indexes: ``[[start, end], ...]`` block ranges of the interaction stages.
-        reduction_ratio: keep fraction of the current tokens at each of ``reduction_loc`` (``None`` = no
+        keep_rate: fraction of the current tokens kept at each of ``reduction_loc`` (``None`` = no
             reduction; ``1.0`` runs the reduction code path but keeps every token).
         method: the reduction method, a key of :data:`atc.merge.MERGE_METHODS` (``atc``, ``tome``, ...).
         linkage: the ATC linkage, a key of :data:`atc.cluster.LINKAGES` (``single|complete|average``). The
@@ -235,6 +275,9 @@ class ViTAdapter(nn.Module):
             position embedding, blocks), as mmdet's ``init_cfg``/``pretrained`` would; nothing is downloaded.
         layer_scale, window_attn, window_size: accepted for config compatibility; only the published values
             (``False`` / all ``False`` / all ``None``) are supported.
+        reduction_ratio: the published configs' name for ``keep_rate`` (a keep fraction, unlike Stable
+            Diffusion's ``--reduction_ratio``); mapped by :func:`resolve_keep_rate`, which refuses both set to
+            different values.
     Input ``(B, 3, H, W)`` with H, W divisible by 32; output ``[f1, f2, f3, f4]``, ``(B, embed_dim, H/s, W/s)``
     for strides 4, 8, 16, 32.
     """
@@ -246,12 +289,12 @@ class ViTAdapter(nn.Module):
                  conv_inplane: int = 64, n_points: int = 4, deform_num_heads: int = 6, deform_ratio: float = 1.0,
                  cffn_ratio: float = 0.25, init_values: float = 0.0,
                  interaction_indexes: Sequence[Sequence[int]] = ((0, 2), (3, 5), (6, 8), (9, 11)),
-                 reduction_ratio: float | None = None, method: str = "atc", linkage: str = "average",
+                 keep_rate: float | None = None, method: str = "atc", linkage: str = "average",
                  reduction_loc: Sequence[int] = (3, 6, 9), proportional_attn: bool = True, norm: str = "bn",
                  layout: str = "published", vit_features: str = "final",
                  use_extra_extractor: bool = True, pretrained: str | None = None, layer_scale: bool = False,
                  window_attn: Sequence[bool] | None = None, window_size: Sequence[int | None] | None = None,
-                 **unused: object) -> None:
+                 reduction_ratio: float | None = None, **unused: object) -> None:
         super().__init__()
         if unused:
             raise TypeError(f"ViTAdapter got unknown arguments {sorted(unused)}")
@@ -275,19 +318,20 @@ class ViTAdapter(nn.Module):
         if linkage not in LINKAGES:
             raise ValueError(f"unknown linkage {linkage!r}: choose one of {', '.join(sorted(LINKAGES))} "
                              f"(or method='tome' for ToMe)")
-        if reduction_ratio is not None:
-            validate_keep_rate(reduction_ratio, "reduction_ratio (the keep fraction)")
-        if reduction_ratio is not None and method == "tome" and float(reduction_ratio) < 0.5:
+        keep_rate = resolve_keep_rate(keep_rate=keep_rate, reduction_ratio=reduction_ratio)
+        if keep_rate is not None and method == "tome" and keep_rate < 0.5:
             raise ValueError(f"ToMe (method='tome') can remove at most half the tokens per location, so keep "
-                             f"fraction {reduction_ratio} < 0.5 is impossible: use an ATC linkage "
-                             f"(single|complete|average) or reduction_ratio >= 0.5")
+                             f"fraction {keep_rate:g} < 0.5 is impossible: use an ATC linkage "
+                             f"(single|complete|average) or keep_rate (reduction_ratio) >= 0.5")
         idx = [list(map(int, p)) for p in interaction_indexes]
         if idx[0][0] != 0 or idx[-1][1] != depth - 1 or any(a[1] + 1 != b[0] for a, b in zip(idx, idx[1:])):
             raise ValueError(f"interaction_indexes {idx} must tile blocks 0..{depth - 1} contiguously")
         if any(not 0 <= loc < depth for loc in reduction_loc):
             raise ValueError(f"reduction_loc {list(reduction_loc)} must be block indexes in [0, {depth})")
         self.embed_dim, self.patch_size, self.interaction_indexes = embed_dim, patch_size, idx
-        self.reduction_ratio = None if reduction_ratio is None else float(reduction_ratio)
+        self.keep_rate = keep_rate
+        # the blocks merge (and forward tracks sizes and the composed Merge); SViT sets keep_rate without merging
+        self.merges_tokens = keep_rate is not None
         self.method, self.linkage = method, linkage
         self.reduction_loc = tuple(int(i) for i in reduction_loc)
         self.vit_features = vit_features
@@ -297,10 +341,10 @@ class ViTAdapter(nn.Module):
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         dpr = torch.linspace(0, drop_path_rate, depth).tolist()
         self.blocks = nn.ModuleList(self.block_cls(embed_dim, num_heads, mlp_ratio, dpr[i]) for i in range(depth))
-        if self.reduction_ratio is not None:
+        if keep_rate is not None:
             for loc in self.reduction_loc:
                 blk = self.blocks[loc]
-                blk.keep_rate = self.reduction_ratio
+                blk.keep_rate = keep_rate
                 blk.method = method
                 blk.linkage = linkage
         for blk in self.blocks:
@@ -344,7 +388,7 @@ class ViTAdapter(nn.Module):
         c = torch.cat([c2 + self.level_embed[0], c3 + self.level_embed[1], c4 + self.level_embed[2]], 1)
         x = self.patch_embed(img).flatten(2).transpose(1, 2) + self._pos_embed(h, w)
 
-        reduce = self.reduction_ratio is not None
+        reduce = self.merges_tokens
         merge = identity_merge(b, h * w, img.device) if reduce else None
         size = x.new_ones(b, h * w, 1) if reduce else None
         tokens = x  # current (possibly merged) ViT tokens
@@ -383,8 +427,9 @@ def vit_state_dict_for_adapter(state: dict[str, Tensor], adapter: ViTAdapter, pr
     """Map a plain timm/DeiT ViT state dict onto ``adapter``'s ViT part (keys get ``prefix``).
 
     ``patch_embed.proj`` becomes ``patch_embed``; the position embedding loses its class/distillation tokens and
-    is resampled (bicubic) to the adapter's pretraining grid. Keys the adapter does not have (cls token, head,
-    final norm) are dropped; returns only tensors whose shapes fit.
+    is resampled to the adapter's pretraining grid by :func:`atc.checkpoint.resize_pos_embed` (bicubic, without
+    antialiasing, as DeiT's fine-tuning). Keys the adapter does not have (cls token, head, final norm) are
+    dropped; returns only tensors whose shapes fit.
     """
     own = adapter.state_dict()
     out: dict[str, Tensor] = {}
@@ -393,14 +438,10 @@ def vit_state_dict_for_adapter(state: dict[str, Tensor], adapter: ViTAdapter, pr
         if name not in own or not isinstance(value, Tensor):
             continue
         if name == "pos_embed" and value.shape != own[name].shape:
-            grid = own[name].shape[1]
-            side = int((value.shape[1]) ** 0.5)
-            value = value[:, value.shape[1] - side * side:]  # drop prefix tokens
-            new_side = int(grid**0.5)
-            if side != new_side:
-                value = F.interpolate(value.reshape(1, side, side, -1).permute(0, 3, 1, 2).float(),
-                                      size=(new_side, new_side), mode="bicubic", align_corners=False)
-                value = value.permute(0, 2, 3, 1).reshape(1, grid, -1)
+            # the adapter has no class/distillation tokens: whatever precedes the square grid is prefix
+            num_prefix = value.shape[1] - math.isqrt(value.shape[1]) ** 2
+            new_side = math.isqrt(own[name].shape[1])
+            value = resize_pos_embed(value, (new_side, new_side), num_prefix, antialias=False)[:, num_prefix:]
         if value.shape == own[name].shape:
             out[prefix + name] = value
     return out

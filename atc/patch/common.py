@@ -17,6 +17,10 @@ one patched class (:func:`patched_class`), so a compiled model compiles each blo
   (``decrease`` ramps linearly from ``2r`` down to ``0``, as ToMe's published ``r`` schedules do),
 - a :class:`KeepRateSchedule` (what the registered ``atc_*``/``tome_*`` models use): keep
   ``int(N_patches * keep_rate^(idx+1))`` unprotected tokens after reduction location ``idx``.
+
+Names: the library calls proportional attention ``proportional_attn`` everywhere; the public patch functions
+also accept ToMe's spelling ``prop_attn=`` (``tome.patch.timm(model, prop_attn=True)``), mapped to it in one
+place, :func:`resolve_proportional_attn`.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ __all__ = [
     "plan_reduction",
     "parse_r",
     "check_options",
+    "resolve_proportional_attn",
     "weighted_pool",
     "patched_class",
     "swap_class",
@@ -139,6 +144,21 @@ def check_options(method: str, linkage: str, metric: str) -> None:
         raise ValueError(f"unknown merge metric {metric!r}: choose one of {METRICS}")
 
 
+def resolve_proportional_attn(proportional_attn: bool | None, prop_attn: bool | None) -> bool:
+    """The one place ToMe's ``prop_attn=`` is mapped to the library's ``proportional_attn`` (default ``True``).
+
+    The public patch functions take both so that ToMe code (``tome.patch.timm(model, prop_attn=True)``) runs
+    unchanged; ``None`` means not given. Raises ``TypeError`` when both are given with different values.
+    """
+    if proportional_attn is not None and prop_attn is not None and bool(proportional_attn) != bool(prop_attn):
+        raise TypeError(f"proportional_attn={proportional_attn!r} and prop_attn={prop_attn!r} disagree: prop_attn "
+                        f"is ToMe's name for proportional_attn, pass one of them")
+    for value in (proportional_attn, prop_attn):
+        if value is not None:
+            return bool(value)
+    return True
+
+
 class BlockStep(NamedTuple):
     """What one block does in a forward pass, decided from Python ints before the block runs.
 
@@ -173,7 +193,7 @@ class ReductionPlan(NamedTuple):
 
 
 def plan_reduction(r: Any, method: str, depth: int, num_tokens: int, protected: int = 1,
-                   prop_attn: bool = True) -> ReductionPlan:
+                   proportional_attn: bool = True) -> ReductionPlan:
     """Resolve ``model.r`` into the per-block reductions of a forward on ``num_tokens`` tokens (prefix incl.).
 
     Every count is computed here, from Python ints, so the forward never reads a count from a tensor: shapes
@@ -209,7 +229,7 @@ def plan_reduction(r: Any, method: str, depth: int, num_tokens: int, protected: 
         pre_r = got if pre_block else 0
         receive = method == "kmedoids" and i + 1 < depth and removed[i + 1] > 0
         # proportional attention needs log(size) once any block has merged (or this block's input was reduced)
-        biased = prop_attn and (merged_before or pre_r > 0)
+        biased = proportional_attn and (merged_before or pre_r > 0)
         steps.append(BlockStep(pre_r, 0 if pre_block else got, receive, not (got or receive or biased)))
         merged_before = merged_before or got > 0
     return ReductionPlan(tuple(r_list), tuple(requested), tuple(removed), tuple(tokens), capped, tuple(steps))
@@ -233,7 +253,7 @@ class MergeState:
 
     method: str = "atc"
     linkage: str = "average"
-    prop_attn: bool = True
+    proportional_attn: bool = True
     trace_source: bool = False
     backend: str = "auto"
     metric: str = "keys"
@@ -273,7 +293,7 @@ class MergeState:
         return self.plan
 
     def _plan_for(self, num_tokens: int) -> ReductionPlan:
-        args = (self.method, self.depth, num_tokens, self.protected, self.prop_attn)
+        args = (self.method, self.depth, num_tokens, self.protected, self.proportional_attn)
         if torch.compiler.is_compiling():
             # traced once per compilation: dynamo guards on r and the token count, and a cache lookup here
             # would add guards on the cache's contents (a recompile every time it grows)
@@ -310,7 +330,7 @@ class MergeState:
 
         Computed once per merge (sizes only change there), not once per block.
         """
-        if not self.prop_attn or self.size is None:
+        if not self.proportional_attn or self.size is None:
             return None
         if self._bias is None or self._bias.dtype != dtype:
             self._bias = self.size.to(dtype).log()[:, None, None, :, 0]

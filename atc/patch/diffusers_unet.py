@@ -287,7 +287,9 @@ def apply_patch(
     Args:
         pipe_or_unet: a diffusers pipeline with a ``.unet`` (SD 1.x/2.x, SDXL, ...) or a ``UNet2DConditionModel``.
         method: ``"atc"`` (agglomerative clustering) or ``"tome"`` (ToMe-SD bipartite soft matching).
-        ratio: fraction of the tokens removed, ``r = int(N * ratio)`` per reduced block.
+        ratio: fraction of the tokens *removed* (tomesd's name and meaning; ``SD_setup/sd_generate.py`` calls it
+            ``--reduction_ratio``), ``r = int(N * ratio)`` per reduced block. Not a keep rate: ``int(N * ratio)``
+            is the rounding tomesd and the published runs use, which ``1 - keep_rate`` would not reproduce.
         max_downsample: reduce only blocks whose latent downsampling is ``<= max_downsample`` (1, 2, 4, 8).
             SDXL has no transformer blocks at full resolution: use 2 there.
         merge_attn, merge_crossattn, merge_mlp: which operations run on the merged tokens.

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from atc.patch.common import (BlockStep, MergeState, check_options, patch_blocks, patch_model, remove_patch,
-                              weighted_pool)
+                              resolve_proportional_attn, weighted_pool)
 
 __all__ = ["apply_patch", "remove_patch"]
 
@@ -273,11 +273,13 @@ def apply_patch(
     model: nn.Module,
     method: str = "atc",
     linkage: str = "average",
-    prop_attn: bool = True,
+    proportional_attn: bool | None = None,
     trace_source: bool = False,
     backend: str = "auto",
     metric: str = "keys",
     layout: str = "published",
+    *,
+    prop_attn: bool | None = None,
 ) -> nn.Module:
     """Patch a timm ViT in place so that every block can remove ``model.r`` tokens.
 
@@ -286,7 +288,7 @@ def apply_patch(
             ``Eva``.
         method: ``"atc"``, ``"tome"``, ``"kmedoids"`` or ``"dpcknn"`` (see :data:`atc.merge.MERGE_METHODS`).
         linkage: ATC linkage: ``"single"``, ``"complete"`` or ``"average"``.
-        prop_attn: add ``log(size)`` to the attention logits (proportional attention).
+        proportional_attn: add ``log(size)`` to the attention logits (proportional attention); default ``True``.
         trace_source: track, for every input token, the output token it ends in
             (``model._atc_info["token_map"]``, ``(B, N)`` with N including prefix tokens).
         backend: clustering backend for ATC (``"auto"`` picks the compiled one on CPU).
@@ -295,14 +297,17 @@ def apply_patch(
         layout: token order after a merge: ``"published"`` (each method's published layout: ToMe's
             ``[protected, unmerged sources, destinations]``, what official ToMe and the paper's models compute)
             or ``"spatial"`` (merged tokens in the order of their first patch). Only ToMe's results depend on it.
+        prop_attn: ToMe's name for ``proportional_attn`` (``tome.patch.timm(model, prop_attn=True)``), accepted so
+            ToMe code runs unchanged; giving both with different values raises ``TypeError``.
 
     Returns:
         the same model; ``model.r`` defaults to 0 (identical to the unpatched model).
     """
     check_options(method, linkage, metric)
+    proportional_attn = resolve_proportional_attn(proportional_attn, prop_attn)
     _is_eva, blocks = _check_supported(model)
     state = MergeState(
-        method=method, linkage=linkage, prop_attn=prop_attn, trace_source=trace_source, backend=backend,
+        method=method, linkage=linkage, proportional_attn=proportional_attn, trace_source=trace_source, backend=backend,
         metric=metric, layout=layout, protected=int(model.num_prefix_tokens), depth=len(blocks),
     )
     patch_blocks(blocks, state, lambda blk: _BLOCK_MEMBERS[type(blk).__name__], score_dim=model.embed_dim)

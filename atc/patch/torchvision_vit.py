@@ -18,7 +18,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from atc.patch.common import BlockStep, MergeState, check_options, patch_blocks, patch_model, remove_patch
+from atc.patch.common import (BlockStep, MergeState, check_options, patch_blocks, patch_model, remove_patch,
+                              resolve_proportional_attn)
 
 __all__ = ["apply_patch", "remove_patch"]
 
@@ -74,16 +75,20 @@ def apply_patch(
     model: nn.Module,
     method: str = "atc",
     linkage: str = "average",
-    prop_attn: bool = True,
+    proportional_attn: bool | None = None,
     trace_source: bool = False,
     backend: str = "auto",
     metric: str = "keys",
     layout: str = "published",
+    *,
+    prop_attn: bool | None = None,
 ) -> nn.Module:
-    """Patch a torchvision ``VisionTransformer`` in place; arguments as :func:`atc.patch.timm_vit.apply_patch`."""
+    """Patch a torchvision ``VisionTransformer`` in place; arguments as :func:`atc.patch.timm_vit.apply_patch`
+    (``prop_attn`` is ToMe's name for ``proportional_attn``)."""
     from torchvision.models.vision_transformer import EncoderBlock, VisionTransformer
 
     check_options(method, linkage, metric)
+    proportional_attn = resolve_proportional_attn(proportional_attn, prop_attn)
     if not isinstance(model, VisionTransformer):
         raise TypeError(f"atc.patch.swag expects torchvision's VisionTransformer, got {type(model).__name__}")
     if getattr(model, "_atc_patch_module", None) is not None:
@@ -94,8 +99,8 @@ def apply_patch(
             raise ValueError(f"unsupported torchvision block {type(blk).__name__} at layer {i}")
         if not blk.self_attention._qkv_same_embed_dim or not blk.self_attention.batch_first:
             raise ValueError(f"unsupported nn.MultiheadAttention configuration at layer {i}")
-    state = MergeState(method=method, linkage=linkage, prop_attn=prop_attn, trace_source=trace_source,
-                       backend=backend, metric=metric, layout=layout, protected=1, depth=len(layers))
+    state = MergeState(method=method, linkage=linkage, proportional_attn=proportional_attn,
+                       trace_source=trace_source, backend=backend, metric=metric, layout=layout, protected=1, depth=len(layers))
     patch_blocks(layers, state, lambda _blk: _BLOCK_MEMBERS, score_dim=model.hidden_dim)
     return patch_model(model, state, MODULE_NAME)
 

@@ -36,7 +36,8 @@ from typing import Any, Callable
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from atc.patch.common import BlockStep, MergeState, check_options, patch_blocks, patch_model, remove_patch, swap_class
+from atc.patch.common import (BlockStep, MergeState, check_options, patch_blocks, patch_model, remove_patch,
+                              resolve_proportional_attn, swap_class)
 
 __all__ = ["apply_patch", "remove_patch", "SUPPORTED_MODELS"]
 
@@ -222,13 +223,16 @@ def apply_patch(
     model: nn.Module,
     method: str = "atc",
     linkage: str = "average",
-    prop_attn: bool = True,
+    proportional_attn: bool | None = None,
     trace_source: bool = False,
     backend: str = "auto",
     metric: str = "keys",
     layout: str = "published",
+    *,
+    prop_attn: bool | None = None,
 ) -> nn.Module:
-    """Patch a ``transformers`` vision model in place; arguments as :func:`atc.patch.timm_vit.apply_patch`.
+    """Patch a ``transformers`` vision model in place; arguments as :func:`atc.patch.timm_vit.apply_patch`
+    (``prop_attn`` is ToMe's name for ``proportional_attn``).
 
     Args:
         model: one of :data:`SUPPORTED_MODELS` (a tower, or a model holding one: ``CLIPModel``'s vision tower
@@ -239,6 +243,7 @@ def apply_patch(
         ``model._atc_info`` as for timm models.
     """
     check_options(method, linkage, metric)
+    proportional_attn = resolve_proportional_attn(proportional_attn, prop_attn)
     if getattr(model, "_atc_patch_module", None) is not None:
         raise ValueError("model is already patched: call atc.patch.remove(model) first")
     tower = _vision_tower(model)
@@ -249,8 +254,8 @@ def apply_patch(
         if type(layer).__name__ != layer_class:
             raise ValueError(f"unsupported layer {type(layer).__name__} at layer {i}; expected {layer_class}")
     config = tower.config
-    state = MergeState(method=method, linkage=linkage, prop_attn=prop_attn, trace_source=trace_source,
-                       backend=backend, metric=metric, layout=layout, protected=protected, depth=len(layers))
+    state = MergeState(method=method, linkage=linkage, proportional_attn=proportional_attn,
+                       trace_source=trace_source, backend=backend, metric=metric, layout=layout, protected=protected, depth=len(layers))
     patch_blocks(layers, state, lambda blk: _LAYER_MEMBERS[type(blk).__name__], score_dim=config.hidden_size)
     head = getattr(tower, "head", None) if getattr(tower, "use_head", False) else None
     if head is not None:

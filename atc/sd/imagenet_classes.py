@@ -1,4 +1,8 @@
-"""The 1000 ImageNet-1K classes (index, WordNet id, short readable name) used in the generation prompts.
+"""The 1000 ImageNet-1K classes (index, WordNet id, short readable name) used in the generation prompts of
+``SD_setup/sd_generate.py``.
+
+    from atc.sd.imagenet_classes import IMAGENET_CLASSES, select_classes
+    select_classes(["0-2", "goldfish"])   # [ImageNetClass(index=0, wnid='n01440764', name='tench'), ...]
 
 The table lives beside this file in ``imagenet_classes.tsv``: index order is the standard one (sorted WordNet
 ids, the folder order of ``ImageNet/val``), names are short unique readable names ("tench", "great white

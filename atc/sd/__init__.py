@@ -1,0 +1,9 @@
+"""What the Stable Diffusion experiments (``SD_setup/``) use besides the patch itself (:mod:`atc.patch.diffusers_unet`)
+and FID (:mod:`atc.fid`):
+
+- :mod:`atc.sd.imagenet_classes`: the 1000 ImageNet classes with short readable names for the prompts, and
+  ``select_classes`` for ``--classes`` (indices, ranges, WordNet ids, names);
+- :mod:`atc.sd.tiny_pipeline`: a tiny random SD-1.x / SDXL pipeline built offline, for smoke runs and tests.
+
+Submodules are imported on use, so ``import atc.sd`` needs neither diffusers nor transformers.
+"""
