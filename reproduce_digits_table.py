@@ -207,7 +207,8 @@ def plot(frame: pd.DataFrame, args: argparse.Namespace, path: Path) -> None:
         for setting in SETTINGS:
             if r[f"{setting}_n"]:
                 name = display_name(r.method, r.linkage)
-                points.append({"setting": setting, "gflops": r.gflops, "top1": r[f"{setting}_mean"],
+                panel = "off the shelf" if setting == "off-the-shelf" else f"fine-tuned ({args.finetune_epochs} epochs)"
+                points.append({"setting": panel, "gflops": r.gflops, "top1": r[f"{setting}_mean"],
                                "std": r[f"{setting}_std"], "line": name, "marker": r.linkage or r.method})
     seeds = sorted(set(frame.seed))
     # every method its own colour, and its linkage (or family) its own marker, so lines differ twice over
@@ -256,9 +257,9 @@ def main(args: argparse.Namespace) -> pd.DataFrame:
         base_dir = out / f"seed{seed}" / "base"
         seed_everything(seed)
         base = build(args, "none", 1.0)
-        print(f"[seed {seed}, {si + 1}/{len(args.seeds)}] base ViT ({sum(p.numel() for p in base.parameters()) / 1e6:.2f}"
-              f" M params, {(args.input_size // args.patch_size) ** 2} tokens): training {args.epochs} epochs -> "
-              f"{base_dir}")
+        params = sum(p.numel() for p in base.parameters()) / 1e6
+        print(f"[seed {seed}, {si + 1}/{len(args.seeds)}] base ViT ({params:.2f} M params, "
+              f"{(args.input_size // args.patch_size) ** 2} tokens): training {args.epochs} epochs -> {base_dir}")
         train(base, base_dir, args.epochs, args.lr, args.warmup_epochs, loaders)
         base_state = torch.load(base_dir / "checkpoint.pth", map_location="cpu", weights_only=False)["model"]
 
