@@ -61,16 +61,17 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64, help="batch size")
     p.add_argument("--throughput-runs", type=int, default=4,
                    help="timed eval batches per configuration, measured once per run (0 = skip)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch and numba (ATC clustering) threads; 0 = their defaults. One is the fastest on a "
-                        "2-core machine, above all a shared one (see docs/training.md)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch and numba (ATC clustering) threads; 0 = their defaults (fastest on idle cores). Use 1 "
+                        "on a machine whose cores are busy with other work (see docs/training.md)")
     return p
 
 
 def set_threads(n: int) -> None:
-    """Use ``n`` threads in torch and in numba, the CPU clustering backend. Limiting torch alone is not enough:
-    after its first parallel clustering call numba's OpenMP pool keeps a worker spinning, which on a busy 2-core
-    machine took the core training needed (measured: 80-96 s per base epoch instead of 7 s)."""
+    """Use ``n`` threads in torch and in numba, the CPU clustering backend. Both run on the same OpenMP runtime,
+    whose idle workers spin-wait between parallel regions; on cores busy with other work the spinning takes the
+    core the training needs (measured on a busy 2-core machine: 60-96 s per base epoch with torch or numba at 2
+    threads, 7 s with both at 1), so limiting torch alone is not enough."""
     torch.set_num_threads(n)
     try:
         import numba
@@ -145,12 +146,15 @@ def profile(model: nn.Module, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _mean_std(values: pd.Series, digits: int = 2) -> str:
+    def fmt(x: float) -> str:
+        return f"{x + 0.0:.{digits}f}".replace(f"-{0:.{digits}f}", f"{0:.{digits}f}")  # no "-0.00"
+
     values = values.dropna()
     if not len(values):
         return "n/a"
     if len(values) == 1:
-        return f"{values.iloc[0]:.{digits}f}"
-    return f"{values.mean():.{digits}f} ± {values.std():.{digits}f}"
+        return fmt(values.iloc[0])
+    return f"{fmt(values.mean())} ± {fmt(values.std())}"
 
 
 def summarize(frame: pd.DataFrame, args: argparse.Namespace) -> pd.DataFrame:
@@ -294,7 +298,7 @@ def main(args: argparse.Namespace) -> pd.DataFrame:
     atomic_write_text(
         f"# ATC on digits ({args.input_size}px, patch {args.patch_size}, depth {args.depth}, width {args.embed_dim}; "
         f"reduction after blocks {' '.join(map(str, args.reduction_loc))}; fine-tune {args.finetune_epochs} "
-        f"epoch(s) at lr {args.finetune_lr:g})\n\n" + table, out / "results.md")
+        f"epoch(s), peak lr {args.finetune_lr:g} after {args.finetune_warmup_epochs} warm-up epoch(s))\n\n" + table, out / "results.md")
     plot(frame, args, out / "results.png")
     print(table)
     print(f"wrote {csv_path}, {out / 'results.md'}, {out / 'results.png'} in {time.time() - t_start:.0f} s")
