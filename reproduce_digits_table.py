@@ -1,13 +1,17 @@
 #!/usr/bin/env python
 """The main job: a miniature of the paper's classification table on scikit-learn's bundled digits.
 
+For every seed:
 1. Train a small ViT (DeiT recipe, no reduction) on digits.
 2. For no reduction, ToMe and ATC (single / complete / average linkage), at several keep rates: evaluate the
-   trained weights off the shelf, then after a short fine-tune with the reduction in place.
-3. Write ``results.csv``, ``results.md`` (the table) and ``results.png`` (Top-1 vs keep rate) to --output_dir.
+   trained weights off the shelf, then after a short fine-tune with the reduction in place. Every configuration
+   also records its token count after each reduction location and its GFLOPs per image (counted on the reduced
+   model), so methods can be compared at equal cost as well as at equal keep rate.
+3. Write ``results.csv`` (one row per seed, configuration and setting), ``results.md`` (mean +- std over the
+   seeds) and ``results.png`` (Top-1 vs GFLOPs, off the shelf and fine-tuned side by side) to --output_dir.
 
 Resumable: finished rows in results.csv are skipped and interrupted trainings continue from their checkpoints.
-Defaults take about 4-6 minutes on 2 CPU cores:
+Defaults take about 10 minutes on 2 CPU cores:
 
     python reproduce_digits_table.py --output_dir results/digits_table
 """
@@ -15,7 +19,6 @@ Defaults take about 4-6 minutes on 2 CPU cores:
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from pathlib import Path
@@ -31,9 +34,10 @@ from atc.cli import ConfigError
 from atc.data import build_loaders
 from atc.engine import FitConfig, evaluate, fit
 from atc.models import build_classifier, validate_reduction
-from atc.utils import line_plot, seed_everything, write_csv, atomic_write_text
+from atc.utils import atomic_write_text, errorbar_plot, seed_everything, write_csv
 
 METHODS = ("none", "tome", "atc_single", "atc_complete", "atc_average")
+SETTINGS = ("off-the-shelf", "fine-tuned")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -42,9 +46,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--output_dir", default="results/digits_table", help="where results and checkpoints go")
     p.add_argument("--methods", nargs="+", default=list(METHODS), help=f"subset of {', '.join(METHODS)}")
     p.add_argument("--keep_rates", type=float, nargs="+", default=[0.9, 0.7, 0.5, 0.25],
-                   help="keep rates in (0, 1] (tokens after location i: int(N * kr^(i+1)))")
+                   help="keep rates in (0, 1] (patch tokens after location i: int(N * kr^(i+1)))")
     p.add_argument("--reduction_loc", type=int, nargs="+", default=[1, 3, 5],
                    help="0-indexed reduction blocks (the paper's 3 6 9, scaled to a 6-block model)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                   help="one base model, fine-tune and table row per seed; results.md reports mean +- std")
     p.add_argument("--input-size", type=int, default=32, help="image side (digits are upsampled from 8x8)")
     p.add_argument("--patch-size", type=int, default=4, help="ViT patch size (32/4 -> 64 tokens)")
     p.add_argument("--embed-dim", type=int, default=96, help="ViT width")
@@ -52,13 +58,40 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-heads", type=int, default=3, help="attention heads")
     p.add_argument("--epochs", type=int, default=30, help="training epochs of the base model")
     p.add_argument("--lr", type=float, default=1e-3, help="base-model learning rate (AdamW, cosine)")
+    p.add_argument("--warmup-epochs", type=int, default=2, help="linear warm-up epochs of the base model")
     p.add_argument("--finetune-epochs", type=int, default=2, help="fine-tuning epochs per method and keep rate")
-    p.add_argument("--finetune-lr", type=float, default=2e-4, help="fine-tuning learning rate")
+    p.add_argument("--finetune-lr", type=float, default=1e-4, help="fine-tuning peak learning rate (cosine)")
+    p.add_argument("--finetune-warmup-epochs", type=int, default=1, help="linear warm-up epochs of the fine-tune")
     p.add_argument("--batch-size", type=int, default=64, help="batch size")
-    p.add_argument("--throughput-runs", type=int, default=6, help="timed eval batches per row (0 = skip)")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    p.add_argument("--throughput-runs", type=int, default=4,
+                   help="timed eval batches per configuration, measured once per run (0 = skip)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch and numba (ATC clustering) threads; 0 = their defaults (fastest on idle cores). Use 1 "
+                        "on a machine whose cores are busy with other work (see docs/training.md)")
     return p
+
+
+def set_threads(n: int) -> None:
+    """Use ``n`` threads in torch and in numba, the CPU clustering backend. Both run on the same OpenMP runtime,
+    whose idle workers spin-wait between parallel regions; on cores busy with other work the spinning takes the
+    core the training needs (measured on a busy 2-core machine: 60-96 s per base epoch with torch or numba at 2
+    threads, 7 s with both at 1), so limiting torch alone is not enough."""
+    torch.set_num_threads(n)
+    try:
+        import numba
+    except ImportError:
+        return
+    numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+
+
+def split_method(name: str) -> tuple[str, str]:
+    """``"atc_average"`` -> ``("atc", "average")``; ``"tome"`` -> ``("tome", "")``."""
+    method, _, linkage = name.partition("_")
+    return method, linkage
+
+
+def display_name(method: str, linkage: str) -> str:
+    return {"none": "no reduction", "tome": "ToMe"}.get(method, f"ATC {linkage}")
 
 
 def model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -66,19 +99,18 @@ def model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
             "num_heads": args.num_heads}
 
 
-def build(args: argparse.Namespace, method: str, keep_rate: float) -> nn.Module:
+def build(args: argparse.Namespace, name: str, keep_rate: float) -> nn.Module:
     """``none`` -> plain timm DeiT; ``tome`` / ``atc_<linkage>`` -> the registered atc.models variants."""
-    if method == "none":
+    if name == "none":
         return build_classifier("deit_tiny_patch16_224", 10, args.input_size, model_kwargs=model_kwargs(args))
-    family, _, linkage = method.partition("_")
-    return build_classifier(f"{family}_tiny_patch16_224", 10, args.input_size, reduction_loc=args.reduction_loc,
+    method, linkage = split_method(name)
+    return build_classifier(f"{method}_tiny_patch16_224", 10, args.input_size, reduction_loc=args.reduction_loc,
                             keep_rate=keep_rate, linkage=linkage or "average", proportional_attn=True,
                             model_kwargs=model_kwargs(args))
 
 
-def train(args: argparse.Namespace, model: nn.Module, out: Path, epochs: int, lr: float, warmup: int,
-          loaders: tuple[Any, Any]) -> dict[str, Any]:
-    """Fit with AdamW + cosine (resuming from ``out/checkpoint.pth`` if a previous run was interrupted)."""
+def train(model: nn.Module, out: Path, epochs: int, lr: float, warmup: int, loaders: tuple[Any, Any]) -> None:
+    """Fit with AdamW + cosine to 1e-6 (resuming from ``out/checkpoint.pth`` if a previous run was interrupted)."""
     from timm.optim import create_optimizer_v2
     from timm.scheduler import create_scheduler_v2
 
@@ -88,71 +120,111 @@ def train(args: argparse.Namespace, model: nn.Module, out: Path, epochs: int, lr
                                    min_lr=1e-6, step_on_epochs=False, updates_per_epoch=len(train_loader))
     resume = out / "checkpoint.pth" if (out / "checkpoint.pth").is_file() else None
     cfg = FitConfig(epochs=epochs, output_dir=str(out), sched_in_steps=True, eval_before_training=False,
-                    progress=False, args={"epochs": epochs, "lr": lr})
-    return fit(cfg, model, train_loader, val_loader, nn.CrossEntropyLoss(), optimizer, torch.device("cpu"),
-               lr_scheduler=sched, resume_from=resume, log=lambda s: tqdm.write("  " + s))
+                    progress=False, args={"epochs": epochs, "lr": lr, "warmup_epochs": warmup})
+    fit(cfg, model, train_loader, val_loader, nn.CrossEntropyLoss(), optimizer, torch.device("cpu"),
+        lr_scheduler=sched, resume_from=resume, log=lambda s: tqdm.write("  " + s))
 
 
-def throughput(model: nn.Module, args: argparse.Namespace) -> float:
-    if args.throughput_runs <= 0:
-        return float("nan")
-    from atc.benchmark import measure_throughput
+def profile(model: nn.Module, args: argparse.Namespace) -> dict[str, Any]:
+    """Patch tokens (class token not counted) after each reduction location, GFLOPs per image and images/s of
+    ``model`` as built: shapes, not weights, decide them, so they are the same for every seed and setting."""
+    from atc.benchmark import count_flops, measure_throughput
 
-    x = torch.randn(args.batch_size, 3, args.input_size, args.input_size)
     model.eval()
-    with torch.no_grad():
-        return measure_throughput(lambda: model(x), args.batch_size, args.throughput_runs + 2,
-                                  throw_out=2 / (args.throughput_runs + 2))
+    image = torch.zeros(1, 3, args.input_size, args.input_size)
+    row: dict[str, Any] = {"gflops": round(count_flops(model, image) / 1e9, 5)}
+    info = getattr(model, "_atc_info", None) or {}
+    num_patches = (args.input_size // args.patch_size) ** 2
+    per_block = [t - info.get("protected", 1) for t in info.get("tokens", [])] or [num_patches] * args.depth
+    for loc in args.reduction_loc:
+        row[f"tokens_after_block{loc}"] = per_block[loc]
+    row["final_tokens"] = per_block[-1]
+    row["capped"] = bool(info.get("capped", False))
+    row["img_per_s"] = float("nan")
+    if args.throughput_runs > 0:
+        x = torch.randn(args.batch_size, 3, args.input_size, args.input_size)
+        with torch.no_grad():
+            row["img_per_s"] = round(measure_throughput(lambda: model(x), args.batch_size, args.throughput_runs + 1,
+                                                        throw_out=1 / (args.throughput_runs + 1)), 1)
+    return row
 
 
-def tokens_after(args: argparse.Namespace, keep_rate: float) -> str:
-    n = (args.input_size // args.patch_size) ** 2
-    return "/".join(str(int(n * keep_rate ** (i + 1))) for i in range(len(args.reduction_loc)))
+def _mean_std(values: pd.Series, digits: int = 2) -> str:
+    def fmt(x: float) -> str:
+        return f"{x + 0.0:.{digits}f}".replace(f"-{0:.{digits}f}", f"{0:.{digits}f}")  # no "-0.00"
+
+    values = values.dropna()
+    if not len(values):
+        return "n/a"
+    if len(values) == 1:
+        return fmt(values.iloc[0])
+    return f"{fmt(values.mean())} ± {fmt(values.std())}"
 
 
-def tome_cap_note(args: argparse.Namespace, keep_rate: float) -> str:
-    """ToMe merges at most half of the tokens per location; say so when a keep rate asks for more."""
-    prev = (args.input_size // args.patch_size) ** 2
-    for i in range(len(args.reduction_loc)):
-        target = int((args.input_size // args.patch_size) ** 2 * keep_rate ** (i + 1))
-        if prev - target > prev // 2:
-            return (f"ToMe removes at most half the tokens per location: keep rate {keep_rate:g} asks for "
-                    f"{prev} -> {target} tokens at block {args.reduction_loc[i]}, so ToMe keeps more tokens here")
-        prev = target
-    return ""
+def summarize(frame: pd.DataFrame, args: argparse.Namespace) -> pd.DataFrame:
+    """One row per configuration: cost columns, Top-1 mean/std per setting and the paired fine-tuning gain."""
+    locs = [f"tokens_after_block{loc}" for loc in args.reduction_loc]
+    keys = ["method", "linkage", "keep_rate"]
+    out = []
+    for key, part in frame.groupby(keys, sort=False):
+        row = dict(zip(keys, key))
+        first = part.iloc[0]
+        row.update({c: first[c] for c in [*locs, "final_tokens", "gflops"]}, capped=bool(first["note"]))
+        for setting in SETTINGS:
+            v = part[part.setting == setting].set_index("seed").top1
+            row[f"{setting}_mean"], row[f"{setting}_std"], row[f"{setting}_n"] = v.mean(), v.std(), v.count()
+            row[setting] = v
+        gain = (row["fine-tuned"] - row["off-the-shelf"]).dropna()
+        row["gain"] = gain
+        out.append(row)
+    order = {m: i for i, m in enumerate(METHODS)}
+    summary = pd.DataFrame(out)
+    summary["_order"] = [order.get(m if not lk else f"{m}_{lk}", 99) for m, lk in zip(summary.method, summary.linkage)]
+    return summary.sort_values(["keep_rate", "_order"], ascending=[False, True]).drop(columns="_order")
 
 
-def markdown_table(frame: pd.DataFrame, rates: list[float]) -> str:
-    """Rows: method; columns: keep rate x {off the shelf, fine-tuned} Top-1."""
-    rates = sorted(rates, reverse=True)
-    base = frame[frame.method == "none"]
-    lines = ["| method | " + " | ".join(f"kr {r:g} OTS | kr {r:g} FT" for r in rates) + " |",
-             "|---|" + "---|" * (2 * len(rates))]
-    if len(base):
-        cells = []
-        for _ in rates:
-            for setting in ("off-the-shelf", "fine-tuned"):
-                v = base.loc[base.setting == setting, "top1"]
-                cells.append(f"{v.iloc[0]:.2f}" if len(v) else "")
-        lines.append("| no reduction (kr 1) | " + " | ".join(cells) + " |")
-    for method in [m for m in METHODS if m != "none" and m in set(frame.method)]:
-        cells = []
-        for r in rates:
-            for setting in ("off-the-shelf", "fine-tuned"):
-                v = frame[(frame.method == method) & (frame.keep_rate == r) & (frame.setting == setting)]
-                if not len(v):
-                    cells.append("")
-                elif isinstance(v.note.iloc[0], str) and v.note.iloc[0]:
-                    top1 = v.top1.iloc[0]
-                    cells.append("n/a*" if isinstance(top1, float) and math.isnan(top1) else f"{top1:.2f}*")
-                else:
-                    cells.append(f"{v.top1.iloc[0]:.2f}")
-        lines.append(f"| {method.replace('_', ' ')} | " + " | ".join(cells) + " |")
-    notes = sorted({n for n in frame.note.dropna() if isinstance(n, str) and n})
+def markdown_table(frame: pd.DataFrame, args: argparse.Namespace) -> str:
+    """Rows: (keep rate, method); columns: cost, Top-1 off the shelf / fine-tuned (mean ± std over the seeds)
+    and the fine-tuning gain (fine-tuned − off the shelf of the same seed, mean ± std)."""
+    summary = summarize(frame, args)
+    locs = [f"tokens_after_block{loc}" for loc in args.reduction_loc]
+    seeds = sorted(set(frame.seed))
+    lines = [f"| keep rate | method | tokens after blocks {' / '.join(map(str, args.reduction_loc))} | GFLOPs "
+             "| Top-1 off the shelf | Top-1 fine-tuned | fine-tuning gain |",
+             "|---|---|---|---|---|---|---|"]
+    for _, r in summary.iterrows():
+        tokens = " / ".join(str(int(r[c])) for c in locs) + (" *" if r.capped else "")
+        lines.append(f"| {r.keep_rate:g} | {display_name(r.method, r.linkage)} | {tokens} | {r.gflops:.4f} "
+                     f"| {_mean_std(r['off-the-shelf'])} | {_mean_std(r['fine-tuned'])} | "
+                     f"{_mean_std(r.gain) if len(r.gain) else 'n/a'} |")
     text = "\n".join(lines) + "\n"
-    if notes:
-        text += "\n" + "\n".join(f"\\* {n}" for n in notes) + "\n"
+    text += (f"\nTop-1 in % on the 360-image val split (one image = 0.28 points); mean ± sample standard deviation "
+             f"over {len(seeds)} seed(s) ({' '.join(map(str, seeds))}), each seed with its own base model. "
+             "The gain is paired by seed. Tokens are patch tokens (the class token is not counted); GFLOPs per "
+             "image are counted on the reduced model (multiply-add = 2 FLOPs).\n")
+    if summary.capped.any():
+        text += ("\n\\* ToMe removes at most half the tokens per location, so at this keep rate it keeps more "
+                 "tokens (and costs more GFLOPs) than asked: compare it by GFLOPs, not by keep rate.\n")
     return text
+
+
+def plot(frame: pd.DataFrame, args: argparse.Namespace, path: Path) -> None:
+    summary = summarize(frame, args)
+    points = []
+    for _, r in summary.iterrows():
+        for setting in SETTINGS:
+            if r[f"{setting}_n"]:
+                name = display_name(r.method, r.linkage)
+                panel = "off the shelf" if setting == "off-the-shelf" else f"fine-tuned ({args.finetune_epochs} epochs)"
+                points.append({"setting": panel, "gflops": r.gflops, "top1": r[f"{setting}_mean"],
+                               "std": r[f"{setting}_std"], "line": name, "method": r.method,
+                               "marker": r.linkage or r.method})
+    seeds = sorted(set(frame.seed))
+    # one colour per method (none, ToMe, ATC); ATC's linkages by marker and line style
+    errorbar_plot(points, x="gflops", y="top1", yerr="std", panel="setting", color="method", marker="marker",
+                  label="line", path=path, xlabel="GFLOPs per image", ylabel="Top-1 (%)",
+                  title=f"Digits: Top-1 vs cost, mean ± std over {len(seeds)} seed(s) "
+                        f"(points: keep rates {', '.join(f'{k:g}' for k in sorted(args.keep_rates))})")
 
 
 def main(args: argparse.Namespace) -> pd.DataFrame:
@@ -160,76 +232,77 @@ def main(args: argparse.Namespace) -> pd.DataFrame:
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown:
         raise ConfigError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}.")
+    if len(set(args.seeds)) != len(args.seeds):
+        raise ConfigError(f"--seeds has repeated values {args.seeds}; give each seed once.")
     validate_reduction(args.keep_rates, args.reduction_loc, None, args.depth)
     if args.threads:
-        torch.set_num_threads(args.threads)
+        set_threads(args.threads)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     csv_path = out / "results.csv"
-    rows: list[dict[str, Any]] = pd.read_csv(csv_path).to_dict("records") if csv_path.is_file() else []
-    done = {(r["method"], float(r["keep_rate"]), r["setting"]) for r in rows}
-    # Fail early on a method the installed model registry cannot build.
-    for method in args.methods:
-        build(args, method, args.keep_rates[0])
+    rows: list[dict[str, Any]] = []
+    if csv_path.is_file():
+        rows = pd.read_csv(csv_path).fillna({"linkage": "", "note": ""}).to_dict("records")
+    done = {(int(r["seed"]), r["method"], r["linkage"], float(r["keep_rate"]), r["setting"]) for r in rows}
 
-    seed_everything(args.seed)
-    train_loader, val_loader, _ = build_loaders(
-        "digits", None, args.input_size, args.batch_size, seed=args.seed, aa=None, reprob=0.0, color_jitter=0.0,
-        no_aug=True)
-    loaders = (train_loader, val_loader)
+    jobs = ([("none", 1.0)] if "none" in args.methods else []) + [
+        (m, kr) for m in args.methods if m != "none" for kr in args.keep_rates]
+    # Build every configuration once up front: fails early on a method the model registry cannot build, and
+    # measures the cost of each (the same for every seed).
+    costs = {}
+    for name, kr in jobs:
+        costs[name, kr] = profile(build(args, name, kr), args)
 
-    base_dir = out / "base"
-    seed_everything(args.seed)
-    base = build(args, "none", 1.0)
-    print(f"[1/2] base ViT ({sum(p.numel() for p in base.parameters()) / 1e6:.2f} M params, "
-          f"{(args.input_size // args.patch_size) ** 2} tokens): training {args.epochs} epochs -> {base_dir}")
-    train(args, base, base_dir, args.epochs, args.lr, warmup=2, loaders=loaders)
+    for si, seed in enumerate(args.seeds):
+        seed_everything(seed)
+        train_loader, val_loader, _ = build_loaders(
+            "digits", None, args.input_size, args.batch_size, seed=seed, aa=None, reprob=0.0, color_jitter=0.0,
+            no_aug=True)
+        loaders = (train_loader, val_loader)
+        todo = [(name, kr, setting) for name, kr in jobs for setting in SETTINGS
+                if (seed, *split_method(name), float(kr), setting) not in done]
+        if not todo:
+            continue
+        base_dir = out / f"seed{seed}" / "base"
+        seed_everything(seed)
+        base = build(args, "none", 1.0)
+        params = sum(p.numel() for p in base.parameters()) / 1e6
+        print(f"[seed {seed}, {si + 1}/{len(args.seeds)}] base ViT ({params:.2f} M params, "
+              f"{(args.input_size // args.patch_size) ** 2} tokens): training {args.epochs} epochs -> {base_dir}")
+        train(base, base_dir, args.epochs, args.lr, args.warmup_epochs, loaders)
 
-    jobs = [("none", 1.0)] + [(m, kr) for m in args.methods if m != "none" for kr in args.keep_rates]
-    if "none" not in args.methods:
-        jobs = jobs[1:]
-    print(f"[2/2] {len(jobs)} configurations x (off the shelf, fine-tuned {args.finetune_epochs} epochs)")
-    bar = tqdm(jobs, desc="table", dynamic_ncols=True)
-    for method, kr in bar:
-        bar.set_postfix(method=method, keep_rate=kr)
-        for setting in ("off-the-shelf", "fine-tuned"):
-            if (method, float(kr), setting) in done:
-                continue
-            row: dict[str, Any] = {"method": method, "keep_rate": kr, "setting": setting,
-                                   "tokens_after_locs": "64" if method == "none" else tokens_after(args, kr),
-                                   "note": tome_cap_note(args, kr) if method == "tome" else ""}
-            try:
-                seed_everything(args.seed)
-                model = build(args, method, kr)
-            except ConfigError as exc:  # e.g. ToMe cannot remove more than half the tokens per location
-                row.update(top1=float("nan"), top5=float("nan"), img_per_s=float("nan"), note=str(exc).rstrip("."))
-                rows.append(row)
-                write_csv(rows, csv_path)
-                continue
+        bar = tqdm(todo, desc=f"seed {seed}: configurations", dynamic_ncols=True)
+        for name, kr, setting in bar:
+            bar.set_postfix(method=name, keep_rate=kr, setting=setting)
+            method, linkage = split_method(name)
+            cost = costs[name, kr]
+            row: dict[str, Any] = {"seed": seed, "method": method, "linkage": linkage, "keep_rate": kr,
+                                   "setting": setting, **{k: v for k, v in cost.items() if k != "capped"},
+                                   "note": "ToMe capped at half the tokens per location" if cost["capped"] else ""}
+            seed_everything(seed)
+            model = build(args, name, kr)
             load_checkpoint(model, base_dir / "checkpoint.pth")
             if setting == "fine-tuned":
-                ft_dir = out / "finetune" / f"{method}_kr{kr:g}"
-                seed_everything(args.seed)
-                train(args, model, ft_dir, args.finetune_epochs, args.finetune_lr, warmup=0, loaders=loaders)
+                ft_dir = out / f"seed{seed}" / "finetune" / f"{name}_kr{kr:g}"
+                seed_everything(seed)
+                train(model, ft_dir, args.finetune_epochs, args.finetune_lr, args.finetune_warmup_epochs, loaders)
                 load_checkpoint(model, ft_dir / "checkpoint.pth")
             res = evaluate(model, val_loader, torch.device("cpu"), progress=False)
-            row.update(top1=round(res["top1"], 2), top5=round(res["top5"], 2), img_per_s=round(throughput(model, args), 1))
+            row.update(top1=round(res["top1"], 2), top5=round(res["top5"], 2))
             rows.append(row)
             write_csv(rows, csv_path)  # after every row: an interrupted run loses nothing
+            if setting == "fine-tuned":
+                for ckpt in ft_dir.glob("*.pth"):  # 9 MB each x configurations x seeds; the row is the result
+                    ckpt.unlink()
+
     frame = pd.DataFrame(rows)
-    table = markdown_table(frame, list(args.keep_rates))
+    frame = frame[frame.seed.isin(args.seeds)]
+    table = markdown_table(frame, args)
     atomic_write_text(
         f"# ATC on digits ({args.input_size}px, patch {args.patch_size}, depth {args.depth}, width {args.embed_dim}; "
-        f"reduction after blocks {' '.join(map(str, args.reduction_loc))}; Top-1 % on the 360-image val split)\n\n"
-        + table, out / "results.md")
-    plot_rows = []
-    for r in rows:
-        if r["method"] == "none":
-            plot_rows += [{**r, "keep_rate": k} for k in args.keep_rates]
-        elif not (isinstance(r["top1"], float) and math.isnan(r["top1"])):
-            plot_rows.append(r)
-    line_plot(plot_rows, x="keep_rate", y="top1", group=["method", "setting"], path=out / "results.png",
-              title="Digits: Top-1 vs keep rate", xlabel="keep rate", ylabel="Top-1 (%)")
+        f"reduction after blocks {' '.join(map(str, args.reduction_loc))}; fine-tune {args.finetune_epochs} "
+        f"epoch(s), peak lr {args.finetune_lr:g} after {args.finetune_warmup_epochs} warm-up epoch(s))\n\n" + table, out / "results.md")
+    plot(frame, args, out / "results.png")
     print(table)
     print(f"wrote {csv_path}, {out / 'results.md'}, {out / 'results.png'} in {time.time() - t_start:.0f} s")
     return frame

@@ -605,7 +605,7 @@ BACKENDS: dict[str, _Backend] = {
 }
 
 # Fastest first, as measured by benchmark_atc_framework.py on CPU.
-_CPU_PREFERENCE = ("numba", "fastcluster", "scipy", "torch")
+_CPU_FASTEST_FIRST = ("numba", "fastcluster", "scipy", "torch")
 
 
 @functools.lru_cache(maxsize=None)
@@ -660,7 +660,7 @@ def resolve_backend(backend: str, device: torch.device | str = "cpu", linkage: s
         if torch.device(device).type != "cpu":
             return "torch"
         # torch implements every linkage, so the search always ends.
-        return next(b for b in _CPU_PREFERENCE if _installed(b) and (link is None or _supports(b, link)))
+        return next(b for b in _CPU_FASTEST_FIRST if _installed(b) and (link is None or _supports(b, link)))
     if link is not None and not _supports(backend, link):  # first: installing the backend would not help
         raise _unsupported_linkage(backend, link)
     if not _installed(backend):

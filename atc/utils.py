@@ -11,7 +11,7 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
-__all__ = ["atomic_save", "atomic_write_text", "seed_everything", "write_csv", "line_plot"]
+__all__ = ["atomic_save", "atomic_write_text", "seed_everything", "write_csv", "line_plot", "errorbar_plot"]
 
 
 def _atomic_replace(path: str | os.PathLike, write: Any) -> Path:
@@ -85,6 +85,61 @@ def line_plot(
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+#: Okabe-Ito colours (distinguishable with the common colour-vision deficiencies), black first.
+_COLORS = ("#000000", "#E69F00", "#0072B2", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442")
+_MARKERS = ("*", "s", "v", "^", "o", "D", "P", "X")
+_LINESTYLES = ("-", "-", "--", ":", "-.", (0, (5, 1, 1, 1)), (0, (1, 3)), (0, (8, 3)))
+
+
+def errorbar_plot(
+    rows: Iterable[dict], x: str, y: str, yerr: str, *, panel: str, color: str, marker: str, label: str,
+    path: str | os.PathLike, title: str = "", xlabel: str | None = None, ylabel: str | None = None,
+) -> Path:
+    """Side-by-side panels (one per value of ``panel``, shared y axis) of lines with error bars, saved as PNG.
+
+    One line per value of ``label``; its colour is chosen by the value of ``color`` and its marker and line style
+    by the value of ``marker`` (in order of first appearance), so two columns can be told apart at a glance (e.g.
+    method by colour, variant by marker). A line with a single point (a reference, e.g. an unreduced model) is also drawn
+    as a dashed horizontal line with a shaded ``y +- yerr`` band across its panel.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    frame = pd.DataFrame(list(rows))
+    colors = {v: _COLORS[i % len(_COLORS)] for i, v in enumerate(dict.fromkeys(frame[color]))}
+    markers = {v: _MARKERS[i % len(_MARKERS)] for i, v in enumerate(dict.fromkeys(frame[marker]))}
+    styles = {v: _LINESTYLES[i % len(_LINESTYLES)] for i, v in enumerate(dict.fromkeys(frame[marker]))}
+    panels = list(dict.fromkeys(frame[panel]))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.6), sharey=True, squeeze=False)
+    for ax, name in zip(axes[0], panels):
+        for line, part in frame[frame[panel] == name].groupby(label, sort=False):
+            part = part.sort_values(x)
+            c, m, ls = colors[part[color].iloc[0]], markers[part[marker].iloc[0]], styles[part[marker].iloc[0]]
+            err = part[yerr].fillna(0.0)
+            ax.errorbar(part[x], part[y], yerr=err, color=c, marker=m, markersize=8 if m == "*" else 6,
+                        capsize=3, linewidth=1.5, linestyle=ls, label=str(line))
+            if len(part) == 1:
+                mean, sd = float(part[y].iloc[0]), float(err.iloc[0])
+                ax.axhline(mean, color=c, linestyle="--", linewidth=1)
+                ax.axhspan(mean - sd, mean + sd, color=c, alpha=0.08, linewidth=0)
+        ax.set_title(str(name))
+        ax.set_xlabel(xlabel or x)
+        ax.grid(True, alpha=0.3)
+    axes[0][0].set_ylabel(ylabel or y)
+    axes[0][-1].legend(fontsize=8, loc="best")
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
