@@ -85,6 +85,13 @@ def line_plot(
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
+    return _save_figure(fig, path)
+
+
+def _save_figure(fig: Any, path: str | os.PathLike) -> Path:
+    """Lay out, write ``fig`` as a PNG (creating the folder) and close it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -140,9 +147,4 @@ def errorbar_plot(
     axes[0][-1].legend(fontsize=8, loc="best")
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save_figure(fig, path)
