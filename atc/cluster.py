@@ -81,6 +81,7 @@ __all__ = [
     "canonical_labels",
     "validate_linkage",
     "resolve_backend",
+    "check_backend_linkage",
     "check_nonfinite",
 ]
 
@@ -641,6 +642,14 @@ def _unsupported_linkage(backend: str, link: Linkage) -> ValueError:
         f"{has[0] + ' linkage only' if len(has) == 1 else ', '.join(has) or 'none'}); {link.name!r} linkage is implemented "
         f"by the {', '.join(can)} backends (installed here: {', '.join(here) or 'none'}): pass one of those, "
         f"or backend='auto'")
+
+
+def check_backend_linkage(backend: str, linkage: str) -> None:
+    """Raise ``ValueError`` now if ``backend`` is named (not ``"auto"``) and does not implement ``linkage``, naming
+    the backends that do; for callers that fix both long before clustering (the patchers)."""
+    link = validate_linkage(linkage)
+    if backend != "auto" and backend in BACKENDS and not _supports(backend, link):
+        raise _unsupported_linkage(backend, link)
 
 
 def resolve_backend(backend: str, device: torch.device | str = "cpu", linkage: str | Linkage | None = None) -> str:

@@ -74,7 +74,7 @@ def _build(
         )
     if linkage is None:  # the published models' default
         linkage = "complete"
-    check_options(method, linkage, metric)
+    check_options(method, linkage, metric, backend)
     # embed_dim/depth/num_heads/patch_size/mlp_ratio override the named size (small models for tests and digits)
     arch = dict(_SIZES[size], **{k: kwargs.pop(k) for k in list(kwargs) if k in ("embed_dim", "depth", "num_heads")})
     depth = arch["depth"]

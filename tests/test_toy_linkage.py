@@ -194,13 +194,13 @@ def test_patchers_merge_with_it(weighted, monkeypatch, patcher, make, backend):
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
 
 
-def test_patched_model_with_a_backend_without_it_fails_clearly(weighted):
+def test_patching_with_a_backend_without_it_fails_at_patch_time(weighted):
     model = _timm_vit()
-    atc.patch.timm(model, method="atc", linkage="weighted", backend="numba")
-    model.r = 4
     with pytest.raises(ValueError, match="numba clustering backend does not implement 'weighted'"):
-        with torch.no_grad():
-            model(torch.randn(1, 3, 32, 32))
+        atc.patch.timm(model, method="atc", linkage="weighted", backend="numba")
+    with pytest.raises(ValueError, match="numba clustering backend does not implement 'weighted'"):
+        atc.patch.swag(_torchvision_vit(), method="atc", linkage="weighted", backend="numba")
+    atc.patch.timm(model, method="tome", linkage="weighted", backend="numba")  # ToMe does not cluster
 
 
 def test_detection_backbone_takes_it():

@@ -32,7 +32,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 import torch
 from torch import Tensor, nn
 
-from atc.cluster import validate_linkage
+from atc.cluster import check_backend_linkage, validate_linkage
 from atc.merge import (LAYOUTS, MERGE_METHODS, Merge, init_token_map, max_removable, merge_by_method,
                        validate_keep_rate)
 
@@ -135,11 +135,14 @@ def parse_r(r: Any, depth: int) -> list[int] | KeepRateSchedule:
     return out
 
 
-def check_options(method: str, linkage: str, metric: str) -> None:
-    """Fail early (at patch time) on an unknown method, linkage or metric."""
+def check_options(method: str, linkage: str, metric: str, backend: str = "auto") -> None:
+    """Fail early (at patch time) on an unknown method, linkage or metric, or an ATC clustering backend named
+    explicitly that does not implement the linkage."""
     if method not in MERGE_METHODS:
         raise ValueError(f"unknown merge method {method!r}: choose one of {sorted(MERGE_METHODS)}")
     validate_linkage(linkage)
+    if method == "atc":
+        check_backend_linkage(backend, linkage)
     if metric not in METRICS:
         raise ValueError(f"unknown merge metric {metric!r}: choose one of {METRICS}")
 

@@ -303,7 +303,7 @@ def apply_patch(
     Returns:
         the same model; ``model.r`` defaults to 0 (identical to the unpatched model).
     """
-    check_options(method, linkage, metric)
+    check_options(method, linkage, metric, backend)
     proportional_attn = resolve_proportional_attn(proportional_attn, prop_attn)
     _is_eva, blocks = _check_supported(model)
     state = MergeState(

@@ -87,7 +87,7 @@ def apply_patch(
     (``prop_attn`` is ToMe's name for ``proportional_attn``)."""
     from torchvision.models.vision_transformer import EncoderBlock, VisionTransformer
 
-    check_options(method, linkage, metric)
+    check_options(method, linkage, metric, backend)
     proportional_attn = resolve_proportional_attn(proportional_attn, prop_attn)
     if not isinstance(model, VisionTransformer):
         raise TypeError(f"atc.patch.swag expects torchvision's VisionTransformer, got {type(model).__name__}")

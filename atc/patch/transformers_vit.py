@@ -242,7 +242,7 @@ def apply_patch(
         the same model, with ``model.r`` (default 0: identical to the unpatched model) and
         ``model._atc_info`` as for timm models.
     """
-    check_options(method, linkage, metric)
+    check_options(method, linkage, metric, backend)
     proportional_attn = resolve_proportional_attn(proportional_attn, prop_attn)
     if getattr(model, "_atc_patch_module", None) is not None:
         raise ValueError("model is already patched: call atc.patch.remove(model) first")
