@@ -85,14 +85,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _token_counts(model: torch.nn.Module) -> list[int]:
-    """Token count after every block (prefix included) of the last forward; constant for unpatched models."""
-    info = getattr(model, "_atc_info", None)
-    if info:
-        return list(info["tokens"])
-    return [model.patch_embed.num_patches + model.num_prefix_tokens] * len(model.blocks)
-
-
 def _measure(
     args: argparse.Namespace, runners: list, models: list[torch.nn.Module], shapes: list[int], device: torch.device,
     dtype: torch.dtype,
@@ -133,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import atc.models  # noqa: F401  (registers the models with timm)
     import atc.patch
-    from atc.benchmark import compile_model, count_flops
+    from atc.benchmark import compile_model, count_flops, tokens_per_block
     from atc.utils import line_plot, write_csv
 
     if args.threads:
@@ -178,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     flops, tokens = [], []
     for _name, _kr, model in models:
         flops.append(count_flops(model, image))
-        tokens.append(_token_counts(model))
+        tokens.append(tokens_per_block(model))
 
     latency_batch = 1
     shapes = sorted(set(batches) | {latency_batch})

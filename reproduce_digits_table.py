@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from atc.checkpoint import load_checkpoint
+from atc.checkpoint import load_state_dict_checked, read_checkpoint, state_dict_from_checkpoint
 from atc.cli import ConfigError
 from atc.data import build_loaders
 from atc.engine import FitConfig, evaluate, fit
@@ -131,14 +131,14 @@ def train(model: nn.Module, out: Path, epochs: int, lr: float, warmup: int,
 def profile(model: nn.Module, args: argparse.Namespace) -> dict[str, Any]:
     """Patch tokens (class token not counted) after each reduction location, GFLOPs per image and images/s of
     ``model`` as built: shapes, not weights, decide them, so they are the same for every seed and setting."""
-    from atc.benchmark import count_flops, measure_throughput
+    from atc.benchmark import count_flops, measure_throughput, tokens_per_block
 
     model.eval()
     image = torch.zeros(1, 3, args.input_size, args.input_size)
     row: dict[str, Any] = {"gflops": round(count_flops(model, image) / 1e9, 5)}
     info = getattr(model, "_atc_info", None) or {}
-    num_patches = (args.input_size // args.patch_size) ** 2
-    per_block = [t - info.get("protected", 1) for t in info.get("tokens", [])] or [num_patches] * args.depth
+    prefix = info.get("protected", model.num_prefix_tokens)
+    per_block = [t - prefix for t in tokens_per_block(model)]
     for loc in args.reduction_loc:
         row[f"tokens_after_block{loc}"] = per_block[loc]
     row["final_tokens"] = per_block[-1]
@@ -273,6 +273,8 @@ def main(args: argparse.Namespace) -> pd.DataFrame:
         print(f"[seed {seed}, {si + 1}/{len(args.seeds)}] base ViT ({params:.2f} M params, "
               f"{(args.input_size // args.patch_size) ** 2} tokens): training {args.epochs} epochs -> {base_dir}")
         train(base, base_dir, args.epochs, args.lr, args.warmup_epochs, loaders)
+        base_source = f"base checkpoint '{base_dir / 'checkpoint.pth'}'"
+        base_state = state_dict_from_checkpoint(read_checkpoint(base_dir / "checkpoint.pth"), source=base_source)
 
         bar = tqdm(todo, desc=f"seed {seed}: configurations", dynamic_ncols=True)
         for name, kr, setting in bar:
@@ -284,7 +286,7 @@ def main(args: argparse.Namespace) -> pd.DataFrame:
                                    "note": "ToMe capped at half the tokens per location" if cost["capped"] else ""}
             seed_everything(seed)
             model = build(args, name, kr)
-            load_checkpoint(model, base_dir / "checkpoint.pth")
+            load_state_dict_checked(model, base_state, base_source)
             last: dict[str, Any] = {}
             if setting == "fine-tuned":
                 ft_dir = out / f"seed{seed}" / "finetune" / f"{name}_kr{kr:g}"

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from atc import distributed as D
-from atc.checkpoint import load_checkpoint, read_checkpoint
+from atc.checkpoint import load_state_dict_checked, read_checkpoint, state_dict_from_checkpoint
 from atc.cli import ConfigError, parse_model_kwargs, run_cli
 from atc.cluster import LINKAGES
 from atc.data import DATASETS, MULTILABEL_DATASETS, ShardSampler, build_dataset, usable_workers
@@ -113,8 +113,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                              proportional_attn=cfg["proportional_attn"],
                              model_kwargs=parse_model_kwargs(cfg["model_kwargs"]))
     # the trained weights ('model'; best_checkpoint.pth stores the better of model and EMA there), or the EMA
-    # weights with --use-ema
-    load_checkpoint(model, path, use_ema=True if args.use_ema else False)
+    # weights with --use-ema; from the file read above
+    state = state_dict_from_checkpoint(ckpt, use_ema=True if args.use_ema else False, source=f"checkpoint '{path}'")
+    load_state_dict_checked(model, state, f"checkpoint '{path}'")
     model.to(device)
     sampler = ShardSampler(dataset, D.get_world_size(), D.get_rank()) if args.dist_eval else None
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=False, sampler=sampler,

@@ -67,36 +67,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _checkpoint_classes(path: str) -> int | None:
-    from atc.checkpoint import read_checkpoint, state_dict_from_checkpoint
-
-    sd = state_dict_from_checkpoint(read_checkpoint(path), source=path)
+def _checkpoint_classes(weights: dict[str, torch.Tensor]) -> int | None:
     for key in ("head.weight", "heads.head.weight"):
-        if key in sd:
-            return int(sd[key].shape[0])
+        if key in weights:
+            return int(weights[key].shape[0])
     return None
 
 
-def build_model(args: argparse.Namespace, num_classes: int) -> torch.nn.Module:
-    """The unpatched backbone with local weights (or random ones)."""
-    from atc.checkpoint import load_checkpoint
+def build_model(args: argparse.Namespace, num_classes: int,
+                weights: dict[str, torch.Tensor] | None = None) -> torch.nn.Module:
+    """The unpatched backbone with ``weights`` (the --checkpoint's state dict, read once by the caller) or random
+    ones."""
+    from atc.checkpoint import load_state_dict_checked
 
     if args.model_type == "swag":
         import torchvision
 
         model = getattr(torchvision.models, args.model_name)(weights=None, image_size=args.input_size,
                                                               num_classes=num_classes)
-        if args.checkpoint:
-            load_checkpoint(model, args.checkpoint)
-        return model
-    import timm
+    else:
+        import timm
 
-    kwargs = dict(pretrained=False, num_classes=num_classes, img_size=args.input_size)
-    if args.model_type == "mae":
-        kwargs.update(global_pool="avg", fc_norm=True)  # MAE fine-tuning: mean of patch tokens, then fc_norm
-    model = timm.create_model(args.model_name, **kwargs)
-    if args.checkpoint:
-        load_checkpoint(model, args.checkpoint)
+        kwargs = dict(pretrained=False, num_classes=num_classes, img_size=args.input_size)
+        if args.model_type == "mae":
+            kwargs.update(global_pool="avg", fc_norm=True)  # MAE fine-tuning: mean of patch tokens, then fc_norm
+        model = timm.create_model(args.model_name, **kwargs)
+    if weights is not None:
+        load_state_dict_checked(model, weights, f"checkpoint '{args.checkpoint}'")
     return model
 
 
@@ -122,9 +119,8 @@ def evaluate(model: torch.nn.Module, loader, device: torch.device, amp: bool, de
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import atc.patch
-    from atc.data import DatasetError, build_dataset
-    from atc.checkpoint import CheckpointError
-    from atc.data import usable_workers
+    from atc.checkpoint import CheckpointError, read_checkpoint, state_dict_from_checkpoint
+    from atc.data import DatasetError, build_dataset, usable_workers
     from atc.utils import line_plot, write_csv
 
     try:
@@ -139,10 +135,13 @@ def main(argv: list[str] | None = None) -> int:
         dataset = torch.utils.data.Subset(dataset, range(min(args.max_samples, len(dataset))))
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=False,
                                          num_workers=usable_workers(args.num_workers))
-    num_classes = args.num_classes or (args.checkpoint and _checkpoint_classes(args.checkpoint)) or info.num_classes
     device = torch.device(args.device)
     try:
-        model = build_model(args, num_classes).to(device).eval()
+        weights = (state_dict_from_checkpoint(read_checkpoint(args.checkpoint), source=args.checkpoint)
+                   if args.checkpoint else None)
+        num_classes = args.num_classes or (weights is not None and _checkpoint_classes(weights)) or info.num_classes
+        model = build_model(args, num_classes, weights).to(device).eval()
+        del weights  # the model holds its own copy
     except CheckpointError as exc:
         sys.exit(f"error: {exc}")
     if not args.checkpoint:

@@ -9,7 +9,8 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-__all__ = ["measure_throughput", "synchronize", "count_flops", "peak_memory_mib", "compile_model", "COMPILE_MODES"]
+__all__ = ["measure_throughput", "synchronize", "count_flops", "tokens_per_block", "peak_memory_mib", "compile_model",
+           "COMPILE_MODES"]
 
 #: ``--compile`` choices of the benchmarks: ``none`` runs eagerly, the others are ``torch.compile`` modes
 #: (``default`` is its default mode).
@@ -70,6 +71,15 @@ def count_flops(model: nn.Module, inputs: Tensor) -> int:
     with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=custom) as counter:
         model(inputs)
     return int(counter.get_total_flops())
+
+
+def tokens_per_block(model: nn.Module) -> list[int]:
+    """Token count after every block (prefix tokens included) in ``model``'s last forward: a patched model's
+    ``_atc_info["tokens"]``, or the constant count of an unpatched timm ViT."""
+    info = getattr(model, "_atc_info", None)
+    if info:
+        return list(info["tokens"])
+    return [model.patch_embed.num_patches + model.num_prefix_tokens] * len(model.blocks)
 
 
 def peak_memory_mib(step: Callable[[], object], device: torch.device | str, weights: nn.Module | None = None) -> float:

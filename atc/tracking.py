@@ -21,7 +21,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from atc import distributed as D
 
@@ -149,32 +149,28 @@ class WandbRun:
             except Exception:  # noqa: BLE001 - already reported
                 pass
 
-    def log(self, row: Mapping[str, Any], step: int | None = None) -> None:
-        """Log one row of metrics (keys renamed by :func:`history_key`) at ``step`` (the epoch)."""
+    def _guarded(self, what: str, action: Callable[[Any], object]) -> None:
+        """``action(run)`` on the live run; nothing when tracking is off, and a failure turns tracking off."""
         if self.run is None:
             return
         try:
-            self.run.log({history_key(k): v for k, v in row.items()}, step=step)
-        except Exception as exc:  # noqa: BLE001
-            self._fail("could not log to the W&B run", exc)
+            action(self.run)
+        except Exception as exc:  # noqa: BLE001 - whatever wandb raises, training goes on
+            self._fail(what, exc)
+
+    def log(self, row: Mapping[str, Any], step: int | None = None) -> None:
+        """Log one row of metrics (keys renamed by :func:`history_key`) at ``step`` (the epoch)."""
+        self._guarded("could not log to the W&B run",
+                      lambda run: run.log({history_key(k): v for k, v in row.items()}, step=step))
 
     def summary(self, values: Mapping[str, Any]) -> None:
         """Set run-summary values (e.g. the best checkpoint's metrics)."""
-        if self.run is None:
-            return
-        try:
-            self.run.summary.update(_plain(dict(values)))
-        except Exception as exc:  # noqa: BLE001
-            self._fail("could not update the W&B run summary", exc)
+        self._guarded("could not update the W&B run summary", lambda run: run.summary.update(_plain(dict(values))))
 
     def update_config(self, values: Mapping[str, Any]) -> None:
         """Add values known only after start (token counts, FLOPs) to the run config."""
-        if self.run is None:
-            return
-        try:
-            self.run.config.update(_plain(dict(values)), allow_val_change=True)
-        except Exception as exc:  # noqa: BLE001
-            self._fail("could not update the W&B run config", exc)
+        self._guarded("could not update the W&B run config",
+                      lambda run: run.config.update(_plain(dict(values)), allow_val_change=True))
 
     def finish(self, exit_code: int = 0) -> None:
         """Close the run (``exit_code`` != 0 marks it failed)."""
