@@ -51,6 +51,24 @@ def test_ots_script_on_digits(tmp_path):
     assert missing.returncode != 0 and "nope" in missing.stderr and "Traceback" not in missing.stderr
 
 
+def test_ots_script_checkpoint_errors_are_clear(tmp_path):
+    """A corrupt --checkpoint and one of another architecture each give one clear error, not a traceback."""
+    import timm
+    import torch
+
+    corrupt = tmp_path / "corrupt.pth"
+    corrupt.write_bytes(b"not a checkpoint")
+    other = tmp_path / "other.pth"
+    torch.save({"model": timm.create_model("vit_tiny_patch16_224", img_size=32, embed_dim=64, depth=2,
+                                           num_heads=2, num_classes=10).state_dict()}, other)
+    common = ["--dataset", "digits", "--model-type", "mae", "--model-name", "vit_tiny_patch16_224",
+              "--input-size", "32", "--r", "0", "--max-samples", "8", "--results-dir", str(tmp_path)]
+    for path, message in ((corrupt, "cannot read"), (other, "does not fit this model")):
+        bad = _run("validate_ots_sslbackbone.py", *common, "--checkpoint", str(path), ok=False)
+        assert bad.returncode != 0 and message in bad.stderr and str(path) in bad.stderr
+        assert "Traceback" not in bad.stderr
+
+
 def test_visualize_script(tmp_path):
     rng = np.random.default_rng(0)
     img = tmp_path / "img.png"
