@@ -1,4 +1,5 @@
-"""Generate ImageNet-class images with Stable Diffusion, optionally with ATC or ToMe-SD token merging.
+"""Generate ImageNet-class images with a diffusers text-to-image pipeline (Stable Diffusion 1.x/2.x, SDXL, PixArt-α/Σ,
+SD3/SD3.5, Flux), optionally with ATC or ToMe-SD token merging.
 
 Protocol of the ATC paper (after ToMe-SD): for every ImageNet class, ``--img_per_class`` images of the prompt
 "A high quality photograph of a {class name}.", each with its own seed (``--seed + class_index *
@@ -7,7 +8,8 @@ whatever subset of classes is generated. Images go to ``--output_dir/<experiment
 ``generation.json`` in that folder holds the arguments and every image's generation time (seconds).
 Already generated images are skipped, so rerunning the same command continues a stopped run.
 
-Example (a local diffusers folder, e.g. a saved ``stable-diffusion-v1-5`` pipeline)::
+The pipeline class comes from the folder's ``model_index.json`` (nothing is downloaded); the denoiser is its
+``unet`` or ``transformer``. Example (a local diffusers folder, e.g. a saved ``stable-diffusion-v1-5`` pipeline)::
 
     python SD_setup/sd_generate.py --model /models/stable-diffusion-v1-5 --output_dir sd_generations \\
         --merge_fn_str atc --reduction_ratio 0.1 --merge_attn --linkage average
@@ -16,6 +18,7 @@ Example (a local diffusers folder, e.g. a saved ``stable-diffusion-v1-5`` pipeli
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 import time
@@ -27,18 +30,22 @@ METADATA_FILE = "generation.json"
 IMAGE_AFFECTING = (
     "model", "merge_fn_str", "reduction_ratio", "linkage", "max_downsample", "merge_attn", "merge_crossattn",
     "merge_mlp", "sx", "sy", "use_rand", "seed", "num_inference_steps", "guidance_scale", "use_full_precision",
-    "height", "width", "prompt_template",
+    "height", "width", "prompt_template", "blocks",
 )
+#: Text-to-image pipelines (``_class_name`` in model_index.json) whose denoiser the diffusers patch supports.
+PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "PixArtAlphaPipeline", "PixArtSigmaPipeline",
+             "StableDiffusion3Pipeline", "FluxPipeline")
 
 
 def build_parser() -> argparse.ArgumentParser:
     from atc.cluster import LINKAGES
-    from atc.patch.diffusers_unet import METHODS as DIFFUSERS_METHODS
+    from atc.patch.diffusion import METHODS as DIFFUSERS_METHODS
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True,
-                   help="local diffusers pipeline folder (with model_index.json), e.g. a saved SD 1.5/2.1/SDXL; "
-                        "nothing is downloaded")
+                   help="local diffusers pipeline folder (with model_index.json): a saved SD 1.5/2.1/SDXL, PixArt-α/Σ, "
+                        "SD3/SD3.5 or Flux pipeline; the pipeline type is read from model_index.json, nothing is "
+                        "downloaded")
     p.add_argument("--output_dir", default="sd_generations",
                    help="root folder; images go to <output_dir>/<experiment name>/")
     p.add_argument("--experiment_name", default=None,
@@ -54,8 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ATC linkage function")
     p.add_argument("--backend", default="auto", help="ATC clustering backend (auto, numba, torch, scipy, ...)")
     p.add_argument("--max_downsample", type=int, default=1,
-                   help="reduce only in transformer blocks with latent downsampling <= this (1 = full "
+                   help="UNets: reduce only in transformer blocks with latent downsampling <= this (1 = full "
                         "resolution; SDXL has no full-resolution transformers: use 2)")
+    p.add_argument("--blocks", type=int, nargs="+", default=None,
+                   help="indices of the transformer blocks to patch, in execution order (default: every block of a "
+                        "diffusion transformer; every block within --max_downsample of a UNet)")
     p.add_argument("--merge_attn", action=argparse.BooleanOptionalAction, default=True,
                    help="merge tokens for self-attention (default on)")
     p.add_argument("--merge_crossattn", action=argparse.BooleanOptionalAction, default=False,
@@ -69,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--img_per_class", type=int, default=2, help="images per class")
     p.add_argument("--seed", type=int, default=0, help="base seed; image j of class c uses seed + c*img_per_class + j")
     p.add_argument("--num_inference_steps", type=int, default=50, help="denoising steps")
-    p.add_argument("--guidance_scale", type=float, default=7.5, help="classifier-free guidance scale")
+    p.add_argument("--guidance_scale", type=float, default=None,
+                   help="guidance scale (default: the pipeline's own, e.g. 7.5 for SD 1.5, 3.5 for Flux dev)")
     p.add_argument("--height", type=int, default=None, help="image height (default: the model's, 512 for SD 1.5)")
     p.add_argument("--width", type=int, default=None, help="image width (default: the model's)")
     p.add_argument("--use_full_precision", action="store_true",
@@ -89,28 +100,48 @@ def experiment_name(args: argparse.Namespace) -> str:
     parts = [args.merge_fn_str]
     if args.merge_fn_str == "atc":
         parts.append(args.linkage)
-    parts += [f"r{args.reduction_ratio:g}", f"md{args.max_downsample}", ops]
+    parts.append(f"r{args.reduction_ratio:g}")
+    if getattr(args, "is_unet", True):
+        parts.append(f"md{args.max_downsample}")
+    if args.blocks:
+        parts.append("b" + "-".join(str(b) for b in args.blocks))
+    parts.append(ops)
     if args.merge_fn_str == "tome":
         parts.append(f"sx{args.sx}sy{args.sy}" + ("rand" if args.use_rand else ""))
     return "_".join(parts)
 
 
 def check_args(args: argparse.Namespace) -> None:
-    """Cheap checks with clear messages, before the model is loaded."""
+    """Cheap checks with clear messages, before the model is loaded; sets ``args.is_unet``."""
     model = Path(args.model)
     if not (model / "model_index.json").is_file():
         raise SystemExit(
             f"--model {model}: not a diffusers pipeline folder (no model_index.json). Save one with "
             "`pipe.save_pretrained(PATH)` on a machine with the weights, or build a tiny test pipeline with "
-            "`python SD_setup/tiny_pipeline.py --output PATH`."
+            "`python SD_setup/tiny_pipeline.py --output PATH [--kind pixart|sd3|flux]`."
         )
+    try:
+        index = json.loads((model / "model_index.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise SystemExit(f"--model {model}: model_index.json is not readable JSON ({err})") from None
+    if index.get("_class_name") not in PIPELINES:
+        raise SystemExit(f"--model {model}: a {index.get('_class_name')}; sd_generate.py runs the text-to-image "
+                         f"pipelines {', '.join(PIPELINES)}")
+    args.is_unet = "unet" in index
+    # components saved as absent (e.g. SD3 without its T5 encoder) must be passed as None to load the pipeline
+    args.absent_components = {k: None for k, v in index.items() if not k.startswith("_") and v == [None, None]}
+    if args.guidance_scale is None:  # the pipeline's own default, recorded as the value used
+        import diffusers
+
+        param = inspect.signature(getattr(diffusers, index["_class_name"]).__call__).parameters.get("guidance_scale")
+        args.guidance_scale = None if param is None else param.default
     for name in ("img_per_class", "num_inference_steps"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name} must be at least 1, got {getattr(args, name)}")
     if "{}" not in args.prompt_template:
         raise SystemExit(f"--prompt_template must contain {{}} for the class name, got {args.prompt_template!r}")
     if args.merge_fn_str != "none":
-        from atc.patch.diffusers_unet import check_options
+        from atc.patch.diffusion import check_options
 
         if not (args.merge_attn or args.merge_crossattn or args.merge_mlp):
             raise SystemExit("token merging selected but nothing to merge: pass --merge_attn (and/or "
@@ -162,7 +193,8 @@ def main(argv: list[str] | None = None) -> Path:
         raise SystemExit(f"--device {args.device!r}: {err}") from None
     folder = Path(args.output_dir) / experiment_name(args)
     folder.mkdir(parents=True, exist_ok=True)
-    record = {k: v for k, v in vars(args).items() if k not in ("classes", "output_dir", "device")}
+    record = {k: v for k, v in vars(args).items() if k not in ("classes", "output_dir", "device", "is_unet",
+                                                                     "absent_components")}
     record["model"] = str(Path(args.model).resolve())
     meta = load_metadata(folder, record)
 
@@ -181,19 +213,30 @@ def main(argv: list[str] | None = None) -> Path:
     # diffusers >= 0.36 names the argument `dtype` (and deprecates `torch_dtype`); older releases only know the latter.
     dtype_kw = "dtype" if hasattr(pipeline_utils, "_resolve_dtype") else "torch_dtype"
     try:
-        pipe = DiffusionPipeline.from_pretrained(args.model, local_files_only=True, **{dtype_kw: dtype}).to(device)
+        pipe = DiffusionPipeline.from_pretrained(args.model, local_files_only=True, **{dtype_kw: dtype},
+                                                 **args.absent_components).to(device)
     except (OSError, ValueError, KeyError) as err:
         raise SystemExit(f"cannot load a diffusers pipeline from {args.model}: {err}") from None
     pipe.set_progress_bar_config(disable=True)
     if args.merge_fn_str != "none":
         import atc.patch
-        from atc.patch.diffusers_unet import reseed
+        from atc.patch.diffusion import reseed
 
-        atc.patch.diffusers(
-            pipe, method=args.merge_fn_str, ratio=args.reduction_ratio, max_downsample=args.max_downsample,
-            merge_attn=args.merge_attn, merge_crossattn=args.merge_crossattn, merge_mlp=args.merge_mlp,
-            sx=args.sx, sy=args.sy, use_rand=args.use_rand, linkage=args.linkage, backend=args.backend,
-        )
+        try:
+            atc.patch.diffusers(
+                pipe, method=args.merge_fn_str, ratio=args.reduction_ratio, max_downsample=args.max_downsample,
+                merge_attn=args.merge_attn, merge_crossattn=args.merge_crossattn, merge_mlp=args.merge_mlp,
+                sx=args.sx, sy=args.sy, use_rand=args.use_rand, linkage=args.linkage, backend=args.backend,
+                blocks=args.blocks,
+            )
+        except (ValueError, TypeError) as err:
+            raise SystemExit(f"invalid merging option for {type(pipe).__name__}: {err}") from None
+    call_params = inspect.signature(pipe.__call__).parameters
+    extra = {}
+    if args.guidance_scale is not None:
+        extra["guidance_scale"] = args.guidance_scale
+    if "clean_caption" in call_params:  # PixArt: caption cleaning needs bs4/ftfy, which we do not install
+        extra["clean_caption"] = False
 
     for c, j in tqdm(todo, desc=f"generating {folder.name}"):
         seed = args.seed + c.index * args.img_per_class + j
@@ -205,7 +248,7 @@ def main(argv: list[str] | None = None) -> Path:
         start = time.perf_counter()
         image = pipe(
             args.prompt_template.format(c.name), num_inference_steps=args.num_inference_steps,
-            guidance_scale=args.guidance_scale, generator=generator, height=args.height, width=args.width,
+            generator=generator, height=args.height, width=args.width, **extra,
         ).images[0]
         if device.type == "cuda":
             torch.cuda.synchronize(device)

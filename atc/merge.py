@@ -28,7 +28,7 @@ mask): merging traces under ``torch.compile`` without graph breaks, and ATC's cl
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -265,6 +265,7 @@ def bipartite_soft_matching(
     protected_tokens: int = 1,
     *,
     dst_mask: Tensor | None = None,
+    dst_index: Sequence[int] | None = None,
     layout: str = "published",
     sort_unmerged: bool | None = None,
     **_: object,
@@ -283,20 +284,32 @@ def bipartite_soft_matching(
     slots by their smallest input token instead (spatial order kept).
 
     ``dst_mask (T,)`` bool overrides the split (the Stable Diffusion variant picks one destination per sx×sy
-    cell; its output is unmerged inside the same block, so it always uses the spatial layout).
+    cell; its output is unmerged inside the same block, so it always uses the spatial layout). ``dst_index``
+    gives the same destinations as Python ints: the index sets are then known without reading a tensor back
+    from the device, so this path traces under ``torch.compile`` without a graph break.
     """
     _check_layout(layout)
     bsz, t, _c = metric.shape
     p = protected_tokens
     pos = torch.arange(t, device=metric.device)
-    if dst_mask is not None:
-        # explicit destinations (ToMe-SD): every source token may merge; the index sets depend on the mask's
-        # values, so this path reads them on the host
+    if dst_mask is not None and dst_index is not None:
+        raise ValueError("give the destinations either as dst_mask or as dst_index, not both")
+    if dst_mask is not None or dst_index is not None:
+        # explicit destinations (ToMe-SD): every source token may merge
         labels = pos.repeat(bsz, 1)
-        dst_mask = dst_mask.to(metric.device) & (pos >= p)
-        src_mask = ~dst_mask & (pos >= p)
-        src_idx, dst_idx = src_mask.nonzero().squeeze(1), dst_mask.nonzero().squeeze(1)
-        r = _check_r(r, t, p, len(src_idx) if len(dst_idx) else 0, "bipartite soft matching")
+        if dst_index is not None:
+            dst_set = {int(i) for i in dst_index if p <= int(i) < t}
+            dst_list, src_list = sorted(dst_set), [i for i in range(p, t) if i not in dst_set]
+            dst_idx = torch.tensor(dst_list, dtype=torch.long, device=metric.device)
+            src_idx = torch.tensor(src_list, dtype=torch.long, device=metric.device)
+            num_src, num_dst = len(src_list), len(dst_list)
+        else:
+            # the index sets depend on the mask's values, so this path reads them on the host
+            dst_mask = dst_mask.to(metric.device) & (pos >= p)
+            src_mask = ~dst_mask & (pos >= p)
+            src_idx, dst_idx = src_mask.nonzero().squeeze(1), dst_mask.nonzero().squeeze(1)
+            num_src, num_dst = len(src_idx), len(dst_idx)
+        r = _check_r(r, t, p, num_src if num_dst else 0, "bipartite soft matching")
         if r == 0:
             return identity_merge(bsz, t, metric.device)
         m = _normalize(metric)

@@ -148,3 +148,26 @@ def errorbar_plot(
     if title:
         fig.suptitle(title)
     return _save_figure(fig, path)
+
+
+def labeled_scatter(
+    rows: Iterable[dict], x: str, y: str, label: str, path: str | os.PathLike, *, title: str = "",
+    xlabel: str | None = None, ylabel: str | None = None,
+) -> Path:
+    """One labelled point per row (e.g. a setting's cost against what it changes), saved as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = list(rows)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, row in enumerate(rows):
+        ax.scatter(row[x], row[y], color=_COLORS[i % len(_COLORS)], marker=_MARKERS[i % len(_MARKERS)], s=50)
+        ax.annotate(str(row[label]), (row[x], row[y]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.set_xlabel(xlabel or x)
+    ax.set_ylabel(ylabel or y)
+    ax.grid(True, alpha=0.3)
+    if title:
+        ax.set_title(title)
+    return _save_figure(fig, path)

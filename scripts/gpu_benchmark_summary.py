@@ -355,7 +355,7 @@ def main(argv: list[str] | None = None) -> Path:
            "linkage, random weights)",
            ""]
     md += vit_table
-    md += ["", "## Stable Diffusion UNet step (`SD_setup/benchmark_unet.py`, batch 2, random weights)", ""]
+    md += ["", "## Stable Diffusion UNet step (`SD_setup/benchmark_diffusion.py`, batch 2, random weights)", ""]
     md += sd_table
     warps = read_csv(out / "triton_warps.csv") if (out / "triton_warps.csv").is_file() else []
     md += ["", "## Triton kernel: warps per sample (`scripts/triton_warps_sweep.py`, average linkage, K = T/2)", ""]

@@ -74,7 +74,7 @@ def test_quick_cpu_run_writes_csvs_and_summary(tmp_path):
         assert steps["sd unet step"] == "ok"
         sd = pd.read_csv(out / "sd.csv")
         assert list(sd["method"]) == ["none", "tome", "atc"] and (sd["dtype"] == "float16").all()
-        assert "SD UNet step (tiny, float16) with ATC ratio 0.5 / unpatched step" in summary
+        assert "SD UNet step (unet-tiny, float16) with ATC ratio 0.5 / unpatched step" in summary
     else:
         assert steps["sd unet step"] == "skipped" and "diffusers is not importable" in summary
     log = (out / "log.txt").read_text()

@@ -15,7 +15,7 @@ from sklearn.cluster import AgglomerativeClustering  # noqa: E402
 
 import atc.patch  # noqa: E402
 import atc.sd.tiny_pipeline as tiny  # noqa: E402
-from atc.patch.diffusers_unet import reseed, sd_destination_mask, token_grid_downsample  # noqa: E402
+from atc.patch.diffusion import reseed, sd_destination_mask, token_grid_downsample  # noqa: E402
 
 LATENT = 16  # 16×16 latent: 256 tokens at full resolution, 64 at downsampling 2
 
@@ -181,7 +181,7 @@ def test_ratio_zero_identical_and_remove_restores(method):
 
     atc.patch.diffusers(unet, method=method, ratio=0.5, merge_crossattn=True, merge_mlp=True)
     assert not torch.equal(run(unet, inputs), expected)
-    assert unet._atc_patch_module == "diffusers_unet"
+    assert unet._atc_patch_module == "diffusion"
 
     atc.patch.remove(unet)
     assert not hasattr(unet, "_atc_patch_module") and not hasattr(unet, "_atc_sd_state")
@@ -238,7 +238,8 @@ def test_sdxl_layout(method):
     expected = run(unet, inputs)
 
     atc.patch.diffusers(unet, method=method, ratio=0.5, max_downsample=1)
-    assert torch.equal(run(unet, inputs), expected), "nothing to merge at full resolution in SDXL"
+    with pytest.warns(UserWarning, match="merged no tokens .* outside max_downsample=1 .* use max_downsample=2"):
+        assert torch.equal(run(unet, inputs), expected), "nothing to merge at full resolution in SDXL"
 
     atc.patch.diffusers(unet, method=method, ratio=0.5, max_downsample=2)
     rec = TokenRecorder(unet, names=("attn1.to_k",))
@@ -255,7 +256,7 @@ def test_pipeline_patch_and_remove_dispatch():
     kwargs = dict(prompt="A high quality photograph of a tench.", num_inference_steps=2, output_type="np")
     expected = pipe(generator=torch.Generator().manual_seed(0), **kwargs).images
     atc.patch.diffusers(pipe, method="tome", ratio=0.5)
-    assert pipe.unet._atc_patch_module == "diffusers_unet"
+    assert pipe.unet._atc_patch_module == "diffusion"
     reseed(pipe, 0)
     merged = pipe(generator=torch.Generator().manual_seed(0), **kwargs).images
     reseed(pipe, 0)
@@ -312,8 +313,10 @@ def test_bad_options_are_clear_errors():
         atc.patch.diffusers(unet, linkage="ward")
     with pytest.raises(ValueError, match="max_downsample"):
         atc.patch.diffusers(unet, max_downsample=0)
-    with pytest.raises(ValueError, match="no diffusers BasicTransformerBlock"):
+    with pytest.raises(ValueError, match="Linear is not a denoiser the diffusers patch supports"):
         atc.patch.diffusers(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="blocks: index 7 is out of range for a model with 7 transformer blocks"):
+        atc.patch.diffusers(unet, blocks=[7])
     assert not hasattr(unet, "_atc_patch_module"), "a failed patch leaves the model untouched"
 
     atc.patch.diffusers(unet, method="atc", ratio=0.5, merge_mlp=True)

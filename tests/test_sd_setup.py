@@ -157,3 +157,25 @@ def test_create_im_valset_errors(tmp_path):
     victim.write_bytes(b"broken")
     with pytest.raises(SystemExit, match=victim.name):
         valset.main(["--imagenet_val_dir", str(bad), "--output_dir", str(tmp_path / "out")])
+
+
+@pytest.mark.parametrize("kind", ["sd3", "flux"])
+def test_generate_with_diffusion_transformer_pipelines(kind, tmp_path):
+    """A saved SD3 (without its T5 encoder, as its smaller downloads are) or Flux folder: the pipeline type comes
+    from model_index.json, the transformer is patched (only --blocks), and guidance defaults to the pipeline's."""
+    model = tmp_path / kind
+    _load("tiny_pipeline").main(["--output", str(model), "--kind", kind])
+    out = tmp_path / "gens"
+    args = ["--model", str(model), "--output_dir", str(out), "--classes", "0", "--img_per_class", "1",
+            "--num_inference_steps", "2", "--device", "cpu", "--height", "32", "--width", "32"]
+    sd_generate.main(args + ["--merge_fn_str", "none"])
+    sd_generate.main(args + ["--merge_fn_str", "atc", "--reduction_ratio", "0.5", "--blocks", "0", "2"])
+    folder = out / "atc_average_r0.5_b0-2_attn"  # no max_downsample in a transformer's name
+    meta = json.loads((folder / "generation.json").read_text())
+    assert meta["args"]["blocks"] == [0, 2]
+    assert meta["args"]["guidance_scale"] == {"sd3": 7.0, "flux": 3.5}[kind]
+    plain = np.asarray(Image.open(out / "none" / "0000_0.png"))
+    merged = np.asarray(Image.open(folder / "0000_0.png"))
+    assert plain.shape == merged.shape == (32, 32, 3) and not np.array_equal(plain, merged)
+    with pytest.raises(SystemExit, match="blocks: index 9 is out of range"):
+        sd_generate.main(args + ["--merge_fn_str", "atc", "--blocks", "9"])

@@ -22,7 +22,7 @@ LINKAGE_FLAGS = [
     ("benchmark_merging_method.py", "parse_args", "--linkage"),
     ("validate_ots_sslbackbone.py", "parse_args", "--linkage"),
     ("visualize_merging.py", "parse_args", "--linkage"),
-    ("SD_setup/benchmark_unet.py", "build_parser", "--linkage"),
+    ("SD_setup/benchmark_diffusion.py", "build_parser", "--linkage"),
     ("SD_setup/sd_generate.py", "build_parser", "--linkage"),
 ]
 METHOD_FLAGS = [
@@ -74,11 +74,11 @@ def test_cli_method_choices_come_from_atc_merge(script, func, flag, monkeypatch)
 
 
 def test_sd_method_choices_are_the_diffusers_patch_methods(monkeypatch):
-    from atc.patch.diffusers_unet import METHODS
+    from atc.patch.diffusion import METHODS
 
     assert _choices(_parser("SD_setup/sd_generate.py", "build_parser", monkeypatch), "--merge_fn_str") == \
         ["none", *METHODS]
-    assert _choices(_parser("SD_setup/benchmark_unet.py", "build_parser", monkeypatch), "--methods") == \
+    assert _choices(_parser("SD_setup/benchmark_diffusion.py", "build_parser", monkeypatch), "--methods") == \
         ["none", *METHODS]
 
 

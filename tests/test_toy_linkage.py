@@ -224,7 +224,7 @@ CLIS = [
     ("benchmark_merging_method.py", "parse_args", "--linkage", None),
     ("validate_ots_sslbackbone.py", "parse_args", "--linkage", None),
     ("visualize_merging.py", "parse_args", "--linkage", None),
-    ("SD_setup/benchmark_unet.py", "build_parser", "--linkage", None),
+    ("SD_setup/benchmark_diffusion.py", "build_parser", "--linkage", None),
     ("SD_setup/sd_generate.py", "build_parser", "--linkage", None),
     ("MMDet_setup/benchmark_backbone.py", "parse_args", "--methods", None),
     ("train_deit.py", "get_args_parser", "--linkage", ("check_args", ["--dataset", "digits"])),

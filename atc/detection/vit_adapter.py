@@ -18,7 +18,7 @@ Names: ``keep_rate`` is the fraction of the current tokens kept at each reductio
 The published configs call it ``reduction_ratio`` (merging adapters: ``--cfg-options
 model.backbone.reduction_ratio=0.25``) and ``keep_ratio`` (SViT); the backbones accept those keys, mapped to
 ``keep_rate`` in one place, :func:`resolve_keep_rate`. (Stable Diffusion's ``--reduction_ratio`` is another
-quantity, the fraction *removed*; see :mod:`atc.patch.diffusers_unet`.)
+quantity, the fraction *removed*; see :mod:`atc.patch.diffusion`.)
 """
 
 from __future__ import annotations

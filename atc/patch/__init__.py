@@ -4,11 +4,11 @@
     model.r = 16
     atc.patch.swag(model, ...)                                # torchvision VisionTransformer (SWAG)
     atc.patch.transformers(model, ...)                        # Hugging Face ViT / CLIP / SigLIP / DINOv2
-    atc.patch.diffusers(pipe_or_unet, ratio=0.5)              # diffusers UNet (ToMe-SD protocol)
+    atc.patch.diffusers(pipe, ratio=0.5)                      # diffusers UNet / PixArt / DiT / SD3 / Flux (ToMe-SD)
     atc.patch.remove(model)                                   # restore the original classes
 
 Each patcher lives in its own module (``timm_vit``, ``torchvision_vit``, ``transformers_vit``,
-``diffusers_unet``) and is imported on first use, so optional dependencies (diffusers, transformers) are only
+``diffusion``) and is imported on first use, so optional dependencies (diffusers, transformers) are only
 needed by the patchers that use them.
 """
 
@@ -43,14 +43,15 @@ def transformers(model: Any, **kwargs: Any) -> Any:
     return _module("transformers_vit").apply_patch(model, **kwargs)
 
 
-def diffusers(pipe_or_unet: Any, **kwargs: Any) -> Any:
-    """Patch a diffusers pipeline or UNet in place; see :mod:`atc.patch.diffusers_unet`."""
-    return _module("diffusers_unet").apply_patch(pipe_or_unet, **kwargs)
+def diffusers(pipe_or_model: Any, **kwargs: Any) -> Any:
+    """Patch a diffusers pipeline or denoiser (UNet, PixArt, DiT, SD3, Flux) in place; see
+    :func:`atc.patch.diffusion.apply_patch`."""
+    return _module("diffusion").apply_patch(pipe_or_model, **kwargs)
 
 
 def remove(model: Any) -> Any:
-    """Undo any atc patch on ``model`` (a ViT, a diffusers pipeline or UNet); a no-op if it is not patched."""
-    for candidate in (model, getattr(model, "unet", None)):
+    """Undo any atc patch on ``model`` (a ViT, a diffusers pipeline or denoiser); a no-op if it is not patched."""
+    for candidate in (model, getattr(model, "unet", None), getattr(model, "transformer", None)):
         name = getattr(candidate, PATCH_ATTR, None) if candidate is not None else None
         if name is not None:
             return _module(name).remove_patch(model)

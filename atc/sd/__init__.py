@@ -1,4 +1,4 @@
-"""What the Stable Diffusion experiments (``SD_setup/``) use besides the patch itself (:mod:`atc.patch.diffusers_unet`)
+"""What the Stable Diffusion experiments (``SD_setup/``) use besides the patch itself (:mod:`atc.patch.diffusion`)
 and FID (:mod:`atc.fid`):
 
 - :mod:`atc.sd.imagenet_classes`: the 1000 ImageNet classes with short readable names for the prompts, and
