@@ -43,6 +43,9 @@ __all__ = [
     "max_removable",
     "validate_keep_rate",
     "atc_merge",
+    "tiled_atc_merge",
+    "grid_tiles",
+    "split_removals",
     "bipartite_soft_matching",
     "kmedoids",
     "dpc_knn",
@@ -246,6 +249,79 @@ def atc_merge(
         return identity_merge(bsz, t, metric.device)
     labels = agglomerative_clustering(metric[:, protected_tokens:], t - protected_tokens - r, linkage, backend)
     return Merge(_with_prefix(labels, protected_tokens), t - r)
+
+
+def grid_tiles(h: int, w: int, tile_h: int, tile_w: int) -> list[list[int]]:
+    """The tiles of an ``h × w`` token grid (raster order) cut into ``tile_h × tile_w`` rectangles from the
+    top-left corner (the last row and column of tiles may be smaller): per tile, its token indices in raster
+    order; tiles in raster order."""
+    if min(h, w, tile_h, tile_w) < 1:
+        raise ValueError(f"grid {h}x{w} and tile {tile_h}x{tile_w} must be positive")
+    return [[row * w + col for row in range(r0, min(r0 + tile_h, h)) for col in range(c0, min(c0 + tile_w, w))]
+            for r0 in range(0, h, tile_h) for c0 in range(0, w, tile_w)]
+
+
+def split_removals(sizes: Sequence[int], r: int) -> list[int]:
+    """Split ``r`` removals over parts of the given sizes in proportion to their size (largest remainder; equal
+    remainders go to the earlier part), each part keeping at least one token; the result sums to ``r``."""
+    total = sum(sizes)
+    if not 0 <= r <= total - len(sizes):
+        raise ValueError(f"cannot remove {r} of {total} tokens split into {len(sizes)} parts that each keep one")
+    shares = [r * n / total for n in sizes]
+    out = [min(int(share), n - 1) for share, n in zip(shares, sizes)]
+    # hand out what rounding down left, largest remainder first, to parts that can still give a token
+    for i in sorted(range(len(sizes)), key=lambda i: (-(shares[i] - int(shares[i])), i)):
+        if sum(out) == r:
+            break
+        if out[i] < sizes[i] - 1:
+            out[i] += 1
+    i = 0
+    while sum(out) < r:  # parts capped at one token left their share to the others
+        if out[i] < sizes[i] - 1:
+            out[i] += 1
+        i = (i + 1) % len(sizes)
+    return out
+
+
+def tiled_atc_merge(
+    metric: Tensor, r: int, grid: tuple[int, int], tile: tuple[int, int], *, linkage: str = "average",
+    backend: str = "auto",
+) -> Merge:
+    """ATC within tiles: the ``h × w`` token grid of ``metric (B, h*w, C)`` is cut into ``tile`` rectangles
+    (:func:`grid_tiles`), ``r`` is split over the tiles in proportion to their size (:func:`split_removals`), and
+    each tile is clustered on its own, exactly as :func:`atc_merge` would cluster it alone. Tiles of equal size and
+    removals, of every sample, go to :func:`atc.cluster.agglomerative_clustering` together in one batched call
+    (``B × tiles`` small problems instead of ``B`` large ones: one call when the tile divides the grid; at most
+    eight otherwise, for the edge tiles). Slots are numbered by their smallest token (spatial order), so no
+    cluster spans two tiles and the result has ``h*w - r`` slots. No protected tokens."""
+    bsz, n, c = metric.shape
+    h, w = grid
+    if h * w != n:
+        raise ValueError(f"a {h}x{w} token grid holds {h * w} tokens, but the metric has {n}")
+    r = _check_r(r, n, 0, max(n - 1, 0), "ATC")
+    if r == 0:
+        return identity_merge(bsz, n, metric.device)
+    tiles = grid_tiles(h, w, *tile)
+    if r > n - len(tiles):
+        raise ValueError(f"tiled ATC keeps one token per tile, so it can remove at most {n - len(tiles)} of {n} "
+                         f"tokens with {len(tiles)} tiles of {tile[0]}x{tile[1]}; got r={r} (use larger tiles)")
+    removals = split_removals([len(t) for t in tiles], r)
+    base, offset = [], 0
+    for t, rt in zip(tiles, removals):
+        base.append(offset)
+        offset += len(t) - rt
+    labels = torch.empty(bsz, n, dtype=torch.long, device=metric.device)
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, (t, rt) in enumerate(zip(tiles, removals)):
+        groups.setdefault((len(t), rt), []).append(i)
+    for (size, rt), members in groups.items():
+        idx = torch.tensor([tiles[i] for i in members], dtype=torch.long, device=metric.device)  # (G, size)
+        parts = metric[:, idx.reshape(-1)].reshape(bsz * len(members), size, c)
+        local = agglomerative_clustering(parts, size - rt, linkage, backend) if rt else \
+            torch.arange(size, device=metric.device).expand(bsz * len(members), size)
+        offsets = torch.tensor([base[i] for i in members], dtype=torch.long, device=metric.device)
+        labels[:, idx.reshape(-1)] = (local.reshape(bsz, len(members), size) + offsets[:, None]).reshape(bsz, -1)
+    return Merge(_relabel_by_first_token(labels, n - r), n - r)
 
 
 #: Token layouts after a merge: ``"published"`` (each method's published output order) or ``"spatial"``

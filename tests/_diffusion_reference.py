@@ -33,6 +33,8 @@ BLOCK_OPS = {
 def atc_groups_sklearn(x: torch.Tensor, r: int, linkage: str) -> Groups:
     """Per sample: clusters of ``x (B, N, C)`` into ``N - r`` groups, from scikit-learn on cosine distances."""
     groups = []
+    if r == 0:
+        return [[[i] for i in range(x.shape[1])] for _ in range(x.shape[0])]
     for sample in x.detach().double().cpu().numpy():
         unit = sample / np.linalg.norm(sample, axis=1, keepdims=True)
         dist = np.clip(1 - unit @ unit.T, 0, 2)
@@ -129,22 +131,41 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
 
 def reference_model(model: nn.Module, group_fn: Callable[[torch.Tensor, int], Groups], ratio: float,
                     options=("attn",), blocks=None, block_list: Callable = transformer_blocks,
-                    merge_when: Callable[[int], bool] = lambda n: True) -> nn.Module:
+                    merge_when: Callable[[int], bool] = lambda n: True,
+                    plan_key: Callable[[int, int, int], object] | None = None) -> nn.Module:
     """A deep copy of the unpatched ``model`` whose blocks (``blocks``: indices, default all) merge with loops.
 
     ``group_fn(x, r)`` gives the groups of a block input ``x (B, N, C)`` with ``r = int(N * ratio)`` removed;
-    ``merge_when(N)`` can leave blocks of some token counts alone (UNet resolutions)."""
+    ``merge_when(N)`` can leave blocks of some token counts alone (UNet resolutions). ``plan_key(i, N, k)`` (block
+    ``i``, the ``k``-th merging block with ``N`` tokens in this forward) shares plans: the first block of a key in
+    a forward pass computes the groups from its input, later blocks of the key take them as they are."""
     ref = copy.deepcopy(model)
+    shared: dict = {}
+    seen: dict = {}
+
+    def reset(module, args, kwargs):
+        shared.clear()
+        seen.clear()
+
+    ref.register_forward_pre_hook(reset, with_kwargs=True)
     for i, block in enumerate(block_list(ref)):
         if blocks is not None and i not in blocks:
             continue
         ctx: dict = {}
 
-        def pre(module, args, kwargs, ctx=ctx):
+        def pre(module, args, kwargs, ctx=ctx, i=i):
             x = args[0] if args else kwargs["hidden_states"]
             n = x.shape[1]
             r = int(n * ratio)
-            ctx["groups"] = group_fn(x, r) if r and merge_when(n) else None
+            groups = None
+            if r and merge_when(n):
+                k = seen.get(n, 0)
+                seen[n] = k + 1
+                key = plan_key(i, n, k) if plan_key else ("block", i)
+                if key not in shared:
+                    shared[key] = group_fn(x, r)
+                groups = shared[key]
+            ctx["groups"] = groups
             enc = args[1] if len(args) > 1 else kwargs.get("encoder_hidden_states")
             ctx["text"] = enc.shape[1] if isinstance(enc, torch.Tensor) else 0
 
@@ -159,3 +180,29 @@ def reference_model(model: nn.Module, group_fn: Callable[[torch.Tensor, int], Gr
                 if module is not None:
                     _wrap(module, ctx, text_prefix, rotary)
     return ref
+
+
+def unet_blocks(unet: nn.Module) -> list[nn.Module]:
+    """A UNet's transformer blocks in module order (the indices of the patch's ``blocks`` option)."""
+    from diffusers.models.attention import BasicTransformerBlock
+
+    return [m for m in unet.modules() if isinstance(m, BasicTransformerBlock)]
+
+
+def tiled_groups(x: torch.Tensor, r: int, h: int, w: int, tile_h: int, tile_w: int, linkage: str) -> Groups:
+    """ATC within tiles, by hand: tiles from the top-left corner, ``r`` split in proportion to tile size (largest
+    remainder, earlier tile first on equal remainders, every tile keeping a token), each tile clustered alone by
+    scikit-learn."""
+    tiles = [[row * w + col for row in range(r0, min(r0 + tile_h, h)) for col in range(c0, min(c0 + tile_w, w))]
+             for r0 in range(0, h, tile_h) for c0 in range(0, w, tile_w)]
+    shares = [r * len(t) / (h * w) for t in tiles]
+    removals = [int(s) for s in shares]
+    for i in sorted(range(len(tiles)), key=lambda i: (-(shares[i] - int(shares[i])), i)):
+        if sum(removals) < r and removals[i] < len(tiles[i]) - 1:  # every tile keeps a token
+            removals[i] += 1
+    assert sum(removals) == r
+    groups: Groups = [[] for _ in range(x.shape[0])]
+    for t, rt in zip(tiles, removals):
+        for b, sample_groups in enumerate(atc_groups_sklearn(x[:, t], rt, linkage)):
+            groups[b] += [[t[j] for j in g] for g in sample_groups]
+    return groups

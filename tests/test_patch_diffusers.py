@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import pytest
 import torch
@@ -11,11 +9,12 @@ import torch
 pytest.importorskip("diffusers")
 from diffusers import UNet2DConditionModel  # noqa: E402
 from diffusers.models.attention import BasicTransformerBlock  # noqa: E402
-from sklearn.cluster import AgglomerativeClustering  # noqa: E402
 
 import atc.patch  # noqa: E402
 import atc.sd.tiny_pipeline as tiny  # noqa: E402
 from atc.patch.diffusion import reseed, sd_destination_mask, token_grid_downsample  # noqa: E402
+
+from _diffusion_reference import atc_groups_sklearn, reference_model, tome_sd_groups, unet_blocks  # noqa: E402
 
 LATENT = 16  # 16×16 latent: 256 tokens at full resolution, 64 at downsampling 2
 
@@ -84,74 +83,19 @@ def block_resolution(unet, inputs) -> dict[int, int]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Brute-force references
+# Brute-force reference (tests/_diffusion_reference.py): self-attention of the full-resolution blocks on tokens
+# merged with loops
 # ----------------------------------------------------------------------------------------------------------------
-def atc_groups_sklearn(x: torch.Tensor, r: int, linkage: str) -> list[list[list[int]]]:
-    """Per sample: clusters (lists of token indices) from sklearn on cosine distances of ``x (B, N, C)``."""
-    groups = []
-    for sample in x.double().numpy():
-        unit = sample / np.linalg.norm(sample, axis=1, keepdims=True)
-        dist = np.clip(1 - unit @ unit.T, 0, 2)
-        np.fill_diagonal(dist, 0)
-        labels = AgglomerativeClustering(
-            n_clusters=len(sample) - r, metric="precomputed", linkage=linkage
-        ).fit_predict(dist)
-        groups.append([np.flatnonzero(labels == k).tolist() for k in range(labels.max() + 1)])
-    return groups
-
-
-def tome_sd_groups_loops(x: torch.Tensor, r: int, h: int, w: int) -> list[list[list[int]]]:
-    """ToMe-SD without randomness, with loops: destinations = top-left of each 2×2 cell."""
-    groups = []
-    for sample in x.double().numpy():
-        dst = [row * w + col for row in range(0, h - h % 2, 2) for col in range(0, w - w % 2, 2)]
-        src = [t for t in range(h * w) if t not in set(dst)]
-        unit = sample / np.linalg.norm(sample, axis=1, keepdims=True)
-        best = []
-        for s in src:
-            sims = [float(unit[s] @ unit[d]) for d in dst]
-            k = int(np.argmax(sims))
-            best.append((sims[k], s, dst[k]))
-        best.sort(key=lambda item: -item[0])
-        members = {d: [d] for d in dst}
-        alone = []
-        for rank, (_, s, d) in enumerate(best):
-            (members[d].append(s) if rank < r else alone.append([s]))
-        groups.append(list(members.values()) + alone)
-    return groups
-
-
-def reference_unet(unet, method: str, ratio: float, linkage: str = "average"):
-    """A copy of ``unet`` whose full-resolution blocks merge/unmerge self-attention with explicit loops."""
-    ref = copy.deepcopy(unet)
-
-    def forward(block, hidden_states, attention_mask=None, encoder_hidden_states=None, **_):
-        x = hidden_states
-        n = x.shape[1]
-        groups = None
-        if n == LATENT * LATENT:  # full resolution only (max_downsample=1)
-            r = int(n * ratio)
-            if method == "atc":
-                groups = atc_groups_sklearn(x, r, linkage)
-            else:
-                groups = tome_sd_groups_loops(x, r, LATENT, LATENT)
-        normed = block.norm1(x)
-        if groups is None:
-            attn = block.attn1(normed)
-        else:
-            merged = torch.stack([torch.stack([normed[b, g].mean(0) for g in gs]) for b, gs in enumerate(groups)])
-            out = block.attn1(merged)
-            attn = torch.empty_like(normed)
-            for b, gs in enumerate(groups):
-                for k, g in enumerate(gs):
-                    attn[b, g] = out[b, k]
-        x = attn + x
-        x = block.attn2(block.norm2(x), encoder_hidden_states=encoder_hidden_states) + x
-        return block.ff(block.norm3(x)) + x
-
-    for block in blocks(ref):
-        block.forward = forward.__get__(block)
-    return ref
+def reference_unet(unet, method: str, ratio: float, linkage: str = "average", **kwargs):
+    """A copy of ``unet`` whose full-resolution blocks merge/unmerge (by default self-attention) with loops."""
+    if method == "atc":
+        def group_fn(x, r):
+            return atc_groups_sklearn(x, r, linkage)
+    else:
+        def group_fn(x, r):
+            return tome_sd_groups(x, r, LATENT, LATENT)
+    return reference_model(unet, group_fn, ratio, block_list=unet_blocks,
+                           merge_when=lambda n: n == LATENT * LATENT, **kwargs)
 
 
 # ----------------------------------------------------------------------------------------------------------------

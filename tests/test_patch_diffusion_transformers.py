@@ -225,19 +225,20 @@ def test_pipelines_patch_remove_and_reseed(kind):
     assert (pipe(generator=torch.Generator().manual_seed(0), **kwargs).images == expected).all()
 
 
-@pytest.mark.parametrize("family, method, use_rand", [("pixart", "atc", False), ("sd35", "atc", False),
-                                                      ("flux", "atc", False), ("pixart", "tome", False),
-                                                      ("flux", "tome", True)])
-def test_compiled_equals_eager(family, method, use_rand):
-    """fullgraph=True (no graph break in the merge code) for ATC and fixed ToMe-SD destinations; ToMe-SD's random
-    destinations (and Flux's grid, read from img_ids) break the graph, and still match eager."""
+@pytest.mark.parametrize("family, method, use_rand, options", [
+    ("flux", "atc", False, {}), ("sd35", "atc", False, {"plan": "group", "tile": (2, 4)}),
+    ("pixart", "tome", False, {"plan": "group"}), ("flux", "tome", True, {})])
+def test_compiled_equals_eager(family, method, use_rand, options):
+    """fullgraph=True (no graph break in the merge code) for ATC (tiles and group plans included) and fixed ToMe-SD
+    destinations; ToMe-SD's random destinations (and Flux's grid, read from img_ids) break the graph, and still
+    match eager."""
     import torch._dynamo
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
     counters.clear()
     model, inputs = _model_and_inputs(family)
-    atc.patch.diffusers(model, method=method, ratio=0.5, use_rand=use_rand, merge_mlp=True)
+    atc.patch.diffusers(model, method=method, ratio=0.5, use_rand=use_rand, merge_mlp=True, **options)
     other = random_inputs(model, GRID[family], text_tokens=5, seed=5)
     reseed(model, 3)
     expected = [_run(model, inputs), _run(model, other)]

@@ -85,7 +85,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from atc.cluster import resolve_backend, validate_linkage
-from atc.merge import Merge, merge_by_method
+from atc.merge import Merge, merge_by_method, tiled_atc_merge
 
 __all__ = [
     "apply_patch",
@@ -95,14 +95,19 @@ __all__ = [
     "find_denoiser",
     "merge_info",
     "token_grid_downsample",
+    "normalize_tile",
     "sd_destination_index",
     "sd_destination_mask",
     "METHODS",
+    "PLANS",
     "SUPPORTED_MODELS",
 ]
 
 PATCH_MODULE = "diffusion"
 METHODS = ("atc", "tome")
+#: ``plan``: every patched block computes its own merge ("block"), or the first block of a group computes it for
+#: the group ("group").
+PLANS = ("block", "group")
 _STATE_ATTR = "_atc_sd_state"
 
 #: Denoiser classes (diffusers 0.42) -> family. UNet-like models are recognised by their blocks and ``sample``.
@@ -113,6 +118,8 @@ SUPPORTED_MODELS = {
     "SD3Transformer2DModel": "sd3",
     "FluxTransformer2DModel": "flux",
 }
+# Position of the `timestep` argument in each family's forward (pipelines pass it by name).
+_TIMESTEP_ARG = {"unet": 1, "pixart": 2, "dit": 1, "sd3": 3, "flux": 3}
 
 
 class _Op(NamedTuple):
@@ -175,6 +182,10 @@ class _PatchState:
     backend: str
     seed: int
     blocks: tuple[int, ...]
+    plan: str = "block"
+    group_size: int | None = None
+    reuse_steps: int = 1
+    tile: tuple[int, int] | None = None
     patch_size: int = 1
     latent_size: tuple[int, int] | None = None  # UNet: the latent (H, W) of the current forward
     grid: tuple[int, int] | None = None  # transformers: the image token grid (h, w) of the current forward
@@ -182,6 +193,11 @@ class _PatchState:
     generator: torch.Generator | None = None
     tokens: dict[int, tuple[int, int]] = field(default_factory=dict)  # block -> (N, N - r) in the last forward
     plans: int = 0  # merges (clusterings / matchings) computed since the patch
+    cache: dict[tuple, tuple[tuple[int, int], Merge | None]] = field(default_factory=dict)  # plan key -> (B, N), merge
+    seen: dict[int, int] = field(default_factory=dict)  # this forward: token count -> patched blocks run so far
+    last_timestep: float | None = None  # reuse_steps > 1: the timestep and input shape of the last forward
+    last_shape: tuple[int, ...] | None = None
+    step: int = 0  # denoising steps since the trajectory began
     skipped: dict[str, None] = field(default_factory=dict)  # why blocks merged nothing in the current forward
     warned: bool = False
     handles: list[RemovableHandle] = field(default_factory=list)
@@ -386,7 +402,7 @@ def _block_grid(state: _PatchState, n: int) -> tuple[int, int] | str:
 def _compute_merge(state: _PatchState, block: nn.Module, x: Tensor) -> Merge | None:
     """The merge for a block's image tokens ``x (B, N, C)``, or ``None`` where this block is not reduced."""
     n = x.shape[1]
-    need_grid = state.family == "unet" or state.method == "tome"
+    need_grid = state.family == "unet" or state.method == "tome" or state.tile is not None
     grid = _block_grid(state, n) if need_grid else None
     if isinstance(grid, str):
         return _skip(state, grid)
@@ -402,6 +418,8 @@ def _compute_merge(state: _PatchState, block: nn.Module, x: Tensor) -> Merge | N
     if state.method == "atc":
         # ATC in diffusion clusters the raw block input (as the published SD setup does: the attention keys are
         # not available before the attention runs); no protected tokens among image tokens.
+        if state.tile is not None:
+            return tiled_atc_merge(metric, r, grid, state.tile, linkage=state.linkage, backend=state.backend)
         return merge_by_method("atc", metric, r, 0, linkage=state.linkage, backend=state.backend)
     h, w = grid
     if h * w != n:
@@ -417,6 +435,48 @@ def _compute_merge(state: _PatchState, block: nn.Module, x: Tensor) -> Merge | N
     return merge_by_method("tome", metric, r, 0, dst_index=dst)
 
 
+def _plan_for(state: _PatchState, bs: _BlockState, block: nn.Module, x: Tensor) -> Merge | None:
+    """The merge of a patched block: computed here, or reused from the block's group (``plan="group"``) or from an
+    earlier step (``reuse_steps > 1``). Returns ``None`` where the block is not reduced."""
+    bsz, n = int(x.shape[0]), int(x.shape[1])
+    if state.plan == "group":
+        k = state.seen.get(n, 0)
+        state.seen[n] = k + 1
+        key: tuple = ("group", n, k // state.group_size if state.group_size else 0)
+    else:
+        key = ("block", bs.index)
+    cached = state.cache.get(key)
+    if cached is not None and cached[0] == (bsz, n):
+        return cached[1]
+    m = _compute_merge(state, block, x)
+    if m is not None and not torch.compiler.is_compiling():  # a counter read under compile would recompile
+        state.plans += 1
+    if state.plan == "group" or state.reuse_steps > 1:
+        state.cache[key] = ((bsz, n), m)
+    return m
+
+
+def _advance_step(state: _PatchState, timestep: Any, shape: tuple[int, ...]) -> None:
+    """Track denoising steps from the timestep the model is called with (``reuse_steps > 1``).
+
+    A call with the same timestep as the last one is the same step (e.g. the second call of a pipeline that runs
+    the conditional and unconditional batches separately); another timestep is the next step; a larger timestep
+    (timesteps fall along a trajectory) or another input shape begins a new trajectory. Plans are recomputed at
+    the first step of a trajectory and every ``reuse_steps`` steps after it."""
+    if timestep is None:
+        raise ValueError("reuse_steps > 1 tells denoising steps apart by the timestep the model is called with, "
+                         "but this call has none")
+    value = float(timestep.reshape(-1)[0]) if isinstance(timestep, Tensor) else float(timestep)
+    if state.last_timestep is None or value > state.last_timestep or shape != state.last_shape:
+        state.step = 0
+        state.cache.clear()
+    elif value != state.last_timestep:
+        state.step += 1
+        if state.step % state.reuse_steps == 0:
+            state.cache.clear()
+    state.last_timestep, state.last_shape = value, shape
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Hooks
 # --------------------------------------------------------------------------------------------------------------
@@ -424,8 +484,11 @@ def _model_pre_hook(state: _PatchState):
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
         state.skipped.clear()
         state.tokens.clear()
+        state.seen.clear()
         state.grid = None
         x = _arg(args, kwargs, 0, "sample" if state.family == "unet" else "hidden_states")
+        if state.reuse_steps > 1:
+            _advance_step(state, _arg(args, kwargs, _TIMESTEP_ARG[state.family], "timestep"), tuple(x.shape))
         if state.family == "unet":
             state.latent_size = (int(x.shape[-2]), int(x.shape[-1]))
         elif state.family == "flux":
@@ -439,6 +502,8 @@ def _model_pre_hook(state: _PatchState):
 def _model_post_hook(state: _PatchState):
     def hook(module: nn.Module, args: tuple, output: Any) -> None:
         state.img_ids = None
+        if state.reuse_steps == 1:
+            state.cache.clear()  # a group's plan lives for one forward pass
         if state.ratio > 0 and not state.tokens and not state.warned:
             state.warned = True
             reasons = "; ".join(state.skipped) or "no patched block ran"
@@ -454,10 +519,9 @@ def _model_post_hook(state: _PatchState):
 def _block_pre_hook(state: _PatchState, bs: _BlockState):
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
         x = _arg(args, kwargs, 0, "hidden_states")
-        bs.merge = _compute_merge(state, module, x)
+        bs.merge = _plan_for(state, bs, module, x)
         if bs.merge is not None:
             state.tokens[bs.index] = (int(x.shape[1]), bs.merge.num_out)
-            state.plans += 1
             if bs.kind == "FluxSingleTransformerBlock":  # its ops see [text, image]: remember where images start
                 bs.text_len = int(_arg(args, kwargs, 1, "encoder_hidden_states").shape[1])
 
@@ -548,6 +612,10 @@ def check_options(
     linkage: str = "average",
     backend: str = "auto",
     device: torch.device | str = "cpu",
+    plan: str = "block",
+    group_size: int | None = None,
+    reuse_steps: int = 1,
+    tile: int | tuple[int, int] | None = None,
 ) -> None:
     """Raise a ValueError naming the problem if these :func:`apply_patch` options are invalid (cheap, no model)."""
     if method not in METHODS:
@@ -568,6 +636,33 @@ def check_options(
     validate_linkage(linkage)
     if method == "atc":
         resolve_backend(backend, device)
+    if plan not in PLANS:
+        raise ValueError(f"unknown plan {plan!r}: choose one of {list(PLANS)}")
+    for name, value in (("group_size", group_size), ("reuse_steps", reuse_steps)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if reuse_steps is None:
+        raise ValueError("reuse_steps must be a positive integer (1: a new plan at every step), got None")
+    if group_size is not None and plan != "group":
+        raise ValueError(f"group_size={group_size} applies to plan='group' (blocks sharing one merge plan); "
+                         "with plan='block' every block plans for itself")
+    if tile is not None:
+        normalize_tile(tile)
+        if method != "atc":
+            raise ValueError("tile cuts ATC's clustering into tiles of the token grid; ToMe-SD is already local (one "
+                             "destination per sx x sy cell): use sx, sy for ToMe, or method='atc'")
+
+
+def normalize_tile(tile: int | Iterable[int] | None) -> tuple[int, int] | None:
+    """``tile`` as ``(height, width)`` in latent tokens (an int is a square tile), checked; ``None`` stays."""
+    if tile is None:
+        return None
+    values = [tile] if isinstance(tile, int) and not isinstance(tile, bool) else list(tile) \
+        if isinstance(tile, Iterable) and not isinstance(tile, (str, bytes)) else None
+    if (values is None or len(values) not in (1, 2)
+            or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values)):
+        raise ValueError(f"tile must be a positive int or (height, width) in latent tokens, e.g. (16, 16); got {tile!r}")
+    return (values[0], values[-1])
 
 
 def apply_patch(
@@ -585,6 +680,10 @@ def apply_patch(
     backend: str = "auto",
     seed: int = 0,
     blocks: Iterable[int] | None = None,
+    plan: str = "block",
+    group_size: int | None = None,
+    reuse_steps: int = 1,
+    tile: int | tuple[int, int] | None = None,
 ) -> Any:
     """Patch a diffusers pipeline or denoiser in place for token merging; returns ``pipe_or_model``.
 
@@ -613,13 +712,27 @@ def apply_patch(
             the one-stream blocks; negative indices count from the end), e.g. ``range(2, 28)`` to leave the first
             two blocks of a 28-block PixArt unmerged. ``None`` (default): every block (UNets: every block within
             ``max_downsample``).
+        plan: ``"block"`` (default): every patched block computes its merge from its own input. ``"group"``: the
+            first patched block of a group computes it and the others of the group reuse it (labels / matches);
+            a group is the patched blocks that see the same token count in one forward pass (UNet: one latent
+            resolution, down and up path; diffusion transformers: all patched blocks), cut into runs of
+            ``group_size`` blocks in execution order if given.
+        group_size: with ``plan="group"``: blocks per group (default: all blocks at one token count).
+        reuse_steps: compute the plans at the first denoising step and every ``reuse_steps`` steps after it, and
+            reuse them in between (default 1: every step). Steps are told apart by the ``timestep`` the model is
+            called with (see :func:`_advance_step`); a new image (a larger timestep) or another batch shape
+            recomputes. Works with classifier-free guidance batches and ``num_images_per_prompt``.
+        tile: ATC only: ``(height, width)`` (or an int for a square) in latent tokens; the token grid is cut into
+            tiles clustered on their own, ``r`` split over them in proportion to their size
+            (:func:`atc.merge.tiled_atc_merge`). ``None`` (default): the whole grid.
     """
     model = find_denoiser(pipe_or_model)
     try:
         device = next(model.parameters()).device
     except StopIteration:
         device = torch.device("cpu")
-    check_options(method, ratio, max_downsample, sx, sy, linkage, backend, device)
+    check_options(method, ratio, max_downsample, sx, sy, linkage, backend, device, plan, group_size, reuse_steps,
+                  tile)
     family = _family(model)
     all_blocks = _transformer_blocks(model, family)
     if not all_blocks:
@@ -637,8 +750,8 @@ def apply_patch(
 
     state = _PatchState(
         family, method, float(ratio), max_downsample, options["attn"], options["crossattn"], options["mlp"],
-        sx, sy, bool(use_rand), linkage, backend, int(seed), selected,
-        patch_size=int(getattr(getattr(model, "config", None), "patch_size", None) or 1),
+        sx, sy, bool(use_rand), linkage, backend, int(seed), selected, plan, group_size, int(reuse_steps),
+        normalize_tile(tile), patch_size=int(getattr(getattr(model, "config", None), "patch_size", None) or 1),
     )
     state.handles.append(model.register_forward_pre_hook(_model_pre_hook(state), with_kwargs=True))
     state.handles.append(model.register_forward_hook(_model_post_hook(state)))
@@ -667,17 +780,22 @@ def apply_patch(
 
 
 def reseed(pipe_or_model: Any, seed: int) -> None:
-    """Restart the generator of ToMe-SD's random destinations, e.g. once per image for reproducible images."""
+    """Restart the generator of ToMe-SD's random destinations and forget the plans kept for reuse
+    (``reuse_steps``), e.g. once per image for reproducible images."""
     state = getattr(find_denoiser(pipe_or_model), _STATE_ATTR, None)
     if state is None:
         raise ValueError("reseed: the model is not patched with atc.patch.diffusers")
     state.seed = int(seed)
     state.generator = None
+    state.cache.clear()
+    state.last_timestep = state.last_shape = None
+    state.step = 0
 
 
 def merge_info(pipe_or_model: Any) -> dict[str, Any]:
     """What the patch did: ``{"tokens": {block index: (N, N - r)} for every block that merged in the last forward
-    pass, "plans": merges (clusterings or matchings) computed since the patch}``."""
+    pass, "plans": merges (clusterings or matchings) computed since the patch}`` (``plans`` counts eager forward
+    passes only: a compiled model does not update it)."""
     state = getattr(find_denoiser(pipe_or_model), _STATE_ATTR, None)
     if state is None:
         raise ValueError("merge_info: the model is not patched with atc.patch.diffusers")
