@@ -4,16 +4,19 @@ The denoiser (a UNet or a diffusion transformer) is built with random weights fr
 (``atc.sd.denoisers.CONFIGS``: ``sd15``, ``sd15-half``, ``pixart-512``, ``pixart-1024``, ``dit-xl-256``,
 ``sd3-medium``, ``sd35-medium``, ``flux-dev``, ``*-tiny``) or a ``config.json``. A short denoising trajectory of
 ``--steps`` steps is made once with the unpatched model (decreasing timesteps, Euler updates with its output);
-every setting (method, ratio) is then run on the same inputs, step by step, and the script reports per setting:
+every setting (method, ratio, plan, reuse, tile) is then run on the same inputs, step by step, and the script
+reports per setting:
 the time per step (median over ``--runs`` rounds of the trajectory's mean), its ratio to the unpatched step in
 the same run, the merges (clusterings or matchings) computed per step, and a quality proxy that needs no real
 weights: the relative error of the output against the unpatched output on the same input, ``||e - e0|| / ||e0||``,
-averaged over the trajectory. Settings are interleaved round by round, so a change in machine load hits all
+averaged over the trajectory. ``--plan``, ``--reuse_steps`` and ``--tile`` take several values, one setting each. Settings are interleaved round by round, so a change in machine load hits all
 of them alike. Writes a CSV and a plot (time ratio against relative error) to ``--output_dir``.
 
     python SD_setup/benchmark_diffusion.py --config sd15 --latent_size 64 --methods none tome atc --ratios 0.5
     python SD_setup/benchmark_diffusion.py --config pixart-512 --depth 4 --methods none tome atc   # 1024 tokens
     python SD_setup/benchmark_diffusion.py --config flux-dev --depth 3 --latent_size 128          # 4096 + 512
+    python SD_setup/benchmark_diffusion.py --config sd15-half --methods none tome atc --plan block group \
+        --tile none 16x16 --reuse_steps 1 5                          # what shared plans and tiles trade
 
 On a GPU, in half precision (as diffusion models are run there; ``--backend auto`` picks the GPU clustering):
 
@@ -33,6 +36,7 @@ DTYPES = {"float32": "float32", "float16": "float16", "fp16": "float16", "bfloat
 def build_parser() -> argparse.ArgumentParser:
     from atc.cluster import LINKAGES
     from atc.patch.diffusion import METHODS as DIFFUSION_METHODS
+    from atc.patch.diffusion import PLANS
     from atc.sd.denoisers import CONFIGS
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -63,6 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="merge cross-attention queries (UNet, PixArt; default off)")
     p.add_argument("--merge_mlp", action=argparse.BooleanOptionalAction, default=False,
                    help="merge the tokens of the MLP (default off)")
+    p.add_argument("--plan", nargs="+", default=["block"], choices=list(PLANS),
+                   help="merge plans to time: 'block' (every block its own) and/or 'group' (one per group of blocks)")
+    p.add_argument("--group_size", type=int, default=None,
+                   help="with --plan group: blocks per group (default: all blocks at one token count)")
+    p.add_argument("--reuse_steps", type=int, nargs="+", default=[1],
+                   help="recompute the plans every K denoising steps (several values: one setting each)")
+    p.add_argument("--tile", nargs="+", default=["none"],
+                   help="ATC tiles of the token grid, 'none' or HxW (or H for a square), e.g. --tile none 16x16")
     p.add_argument("--linkage", default="average", choices=sorted(LINKAGES), help="ATC linkage")
     p.add_argument("--backend", default="auto",
                    help="ATC clustering backend: 'auto' (the best one for --device) or a name from "
@@ -78,10 +90,30 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _setting_label(method: str, ratio: float, args: argparse.Namespace) -> str:
-    if method == "none":
+def parse_tile(text: str) -> tuple[int, int] | None:
+    """``none``, ``16`` or ``16x8`` -> ``None``, ``(16, 16)``, ``(16, 8)``."""
+    if text.lower() == "none":
+        return None
+    try:
+        parts = [int(v) for v in text.lower().split("x")]
+    except ValueError:
+        parts = []
+    if len(parts) not in (1, 2) or min(parts) < 1:
+        raise SystemExit(f"--tile {text!r}: give 'none', a size such as 16, or HxW such as 16x8")
+    return parts[0], parts[-1]
+
+
+def _setting_label(s: dict, linkage: str) -> str:
+    if s["method"] == "none":
         return "none"
-    return f"{method}{'-' + args.linkage if method == 'atc' else ''} r{ratio:g}"
+    label = f"{s['method']}{'-' + linkage if s['method'] == 'atc' else ''} r{s['ratio']:g}"
+    if s["plan"] != "block":
+        label += f" {s['plan']}"
+    if s["reuse_steps"] > 1:
+        label += f" k{s['reuse_steps']}"
+    if s["tile"]:
+        label += f" tile{s['tile'][0]}x{s['tile'][1]}"
+    return label
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -106,14 +138,18 @@ def main(argv: list[str] | None = None) -> Path:
         raise SystemExit("--device cuda requested but CUDA is not available here: use --device cpu")
     if args.depth is not None and family == "unet":
         raise SystemExit("--depth applies to diffusion transformers, not to a UNet config")
-    for method in args.methods:
-        for ratio in args.ratios:
-            if method != "none":
-                try:
-                    check_options(method, ratio, args.max_downsample, linkage=args.linkage, backend=args.backend,
-                                  device=args.device)
-                except (ValueError, TypeError) as err:
-                    raise SystemExit(str(err)) from None
+    tiles = [parse_tile(t) for t in args.tile]
+    settings = [dict(method="none", ratio=0.0, plan="block", reuse_steps=1, tile=None)] if "none" in args.methods else []
+    settings += [dict(method=m, ratio=r, plan=plan, reuse_steps=k, tile=tile)
+                 for m in args.methods if m != "none" for r in args.ratios for plan in args.plan
+                 for k in args.reuse_steps for tile in tiles if tile is None or m == "atc"]
+    for s in settings[1 if "none" in args.methods else 0:]:
+        try:
+            check_options(s["method"], s["ratio"], args.max_downsample, linkage=args.linkage, backend=args.backend,
+                          device=args.device, plan=s["plan"], reuse_steps=s["reuse_steps"], tile=s["tile"],
+                          group_size=args.group_size if s["plan"] == "group" else None)
+        except (ValueError, TypeError) as err:
+            raise SystemExit(str(err)) from None
     backend = resolve_backend(args.backend, args.device) if "atc" in args.methods else ""
     dtype = getattr(torch, DTYPES[args.dtype])
     if args.threads:
@@ -140,17 +176,15 @@ def main(argv: list[str] | None = None) -> Path:
             dt = (t - (timesteps[k + 1] if k + 1 < len(timesteps) else 0.0)) / 1000
             inputs = {x_key: x - dt * eps[:, : x.shape[1]] if x.dim() == 4 else x - dt * eps}
 
-    settings = [("none", 0.0)] if "none" in args.methods else []
-    settings += [(m, r) for m in args.methods if m != "none" for r in args.ratios]
-
-    def configure(method: str, ratio: float) -> None:
+    def configure(s: dict) -> None:
         atc.patch.remove(model)
-        if method != "none":
+        if s["method"] != "none":
             try:
-                atc.patch.diffusers(model, method=method, ratio=ratio, max_downsample=args.max_downsample,
+                atc.patch.diffusers(model, method=s["method"], ratio=s["ratio"], max_downsample=args.max_downsample,
                                     merge_attn=args.merge_attn, merge_crossattn=args.merge_crossattn,
                                     merge_mlp=args.merge_mlp, linkage=args.linkage, backend=args.backend,
-                                    blocks=args.blocks)
+                                    blocks=args.blocks, plan=s["plan"], reuse_steps=s["reuse_steps"], tile=s["tile"],
+                                    group_size=args.group_size if s["plan"] == "group" else None)
             except (ValueError, TypeError) as err:
                 raise SystemExit(f"cannot patch {type(model).__name__}: {err}") from None
             reseed(model, 0)
@@ -159,14 +193,15 @@ def main(argv: list[str] | None = None) -> Path:
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
 
-    times: dict[tuple[str, float], list[float]] = {s: [] for s in settings}
-    errors: dict[tuple[str, float], float] = {}
-    plans: dict[tuple[str, float], float] = {}
-    tokens: dict[tuple[str, float], dict] = {}
+    labels = [_setting_label(s, args.linkage) for s in settings]
+    times: dict[str, list[float]] = {label: [] for label in labels}
+    errors: dict[str, float] = {}
+    plans: dict[str, float] = {}
+    tokens: dict[str, dict] = {}
     with torch.inference_mode():
         for i in tqdm(range(args.warmup + args.runs), desc="rounds"):
-            for setting in settings:
-                configure(*setting)
+            for setting, label in zip(settings, labels):
+                configure(setting)
                 elapsed, errs = 0.0, []
                 for step_inputs, eps0 in zip(trajectory, reference):
                     sync()
@@ -176,27 +211,30 @@ def main(argv: list[str] | None = None) -> Path:
                     elapsed += time.perf_counter() - start
                     errs.append(float((eps.float() - eps0.float()).norm() / eps0.float().norm()))
                 if i >= args.warmup:
-                    times[setting].append(elapsed / len(trajectory))
-                errors[setting] = statistics.mean(errs)
-                if setting[0] != "none":
+                    times[label].append(elapsed / len(trajectory))
+                errors[label] = statistics.mean(errs)
+                if setting["method"] != "none":
                     info = merge_info(model)
-                    plans[setting] = info["plans"] / len(trajectory)
-                    tokens[setting] = info["tokens"]
+                    plans[label] = info["plans"] / len(trajectory)
+                    tokens[label] = info["tokens"]
     atc.patch.remove(model)
     rows = []
-    for (method, ratio), ts in times.items():
-        merged = tokens.get((method, ratio), {})
+    for s, label in zip(settings, labels):
+        ts, method = times[label], s["method"]
+        merged = tokens.get(label, {})
         row = {"config": Path(str(args.config)).name, "family": family, "depth": args.depth or "",
                "params_M": round(params / 1e6, 1), "latent_size": f"{latent_h}x{latent_w}",
-               "image_tokens": grid[0] * grid[1], "batch_size": batch, "method": method, "reduction_ratio": ratio,
-               "setting": _setting_label(method, ratio, args),
+               "image_tokens": grid[0] * grid[1], "batch_size": batch, "method": method,
+               "reduction_ratio": s["ratio"], "setting": label, "plan": s["plan"],
+               "group_size": (args.group_size or "") if s["plan"] == "group" else "", "reuse_steps": s["reuse_steps"],
+               "tile": f"{s['tile'][0]}x{s['tile'][1]}" if s["tile"] else "",
                "linkage": args.linkage if method == "atc" else "", "max_downsample": args.max_downsample,
                "backend": backend if method == "atc" else "", "dtype": DTYPES[args.dtype], "device": args.device,
                "steps": len(trajectory), "step_time_median_s": statistics.median(ts),
                "step_time_mean_s": statistics.mean(ts), "step_time_std_s": statistics.pstdev(ts), "runs": len(ts),
-               "plans_per_step": plans.get((method, ratio), 0.0), "merged_blocks": len(merged),
+               "plans_per_step": plans.get(label, 0.0), "merged_blocks": len(merged),
                "tokens_per_block": " ".join(f"{i}:{n}->{k}" for i, (n, k) in sorted(merged.items())),
-               "rel_error": errors[(method, ratio)]}
+               "rel_error": errors[label]}
         rows.append(row)
     base = next((r["step_time_median_s"] for r in rows if r["method"] == "none"), None)
     for r in rows:
@@ -206,7 +244,7 @@ def main(argv: list[str] | None = None) -> Path:
           f"{DTYPES[args.dtype]} on {args.device}")
     for r in rows:
         ratio = f"{r['time_vs_none']:.2f}x of none" if base else ""
-        print(f"{r['setting']:22s} {r['step_time_median_s']:.3f} s/step {ratio:>16s}  rel. error "
+        print(f"{r['setting']:34s} {r['step_time_median_s']:.3f} s/step {ratio:>16s}  rel. error "
               f"{r['rel_error']:.4f}  merges/step {r['plans_per_step']:.1f}")
     stem = f"step_time_{Path(str(args.config)).name}_{latent_h}x{latent_w}" + (f"_d{args.depth}" if args.depth else "")
     out = write_csv(rows, Path(args.output_dir) / f"{stem}.csv")

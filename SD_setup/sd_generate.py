@@ -30,7 +30,7 @@ METADATA_FILE = "generation.json"
 IMAGE_AFFECTING = (
     "model", "merge_fn_str", "reduction_ratio", "linkage", "max_downsample", "merge_attn", "merge_crossattn",
     "merge_mlp", "sx", "sy", "use_rand", "seed", "num_inference_steps", "guidance_scale", "use_full_precision",
-    "height", "width", "prompt_template", "blocks",
+    "height", "width", "prompt_template", "blocks", "plan", "group_size", "reuse_steps", "tile",
 )
 #: Text-to-image pipelines (``_class_name`` in model_index.json) whose denoiser the diffusers patch supports.
 PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "PixArtAlphaPipeline", "PixArtSigmaPipeline",
@@ -40,6 +40,7 @@ PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "PixArtAlph
 def build_parser() -> argparse.ArgumentParser:
     from atc.cluster import LINKAGES
     from atc.patch.diffusion import METHODS as DIFFUSERS_METHODS
+    from atc.patch.diffusion import PLANS
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True,
@@ -72,6 +73,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="merge the cross-attention queries (default off)")
     p.add_argument("--merge_mlp", action=argparse.BooleanOptionalAction, default=False,
                    help="merge tokens for the MLP (default off)")
+    p.add_argument("--plan", default="block", choices=list(PLANS),
+                   help="merge plan: 'block' (every block plans for itself, as published) or 'group' (the first "
+                        "block of a group plans for all: UNet one per resolution, transformers all blocks)")
+    p.add_argument("--group_size", type=int, default=None,
+                   help="with --plan group: blocks per group, in execution order (default: all at one resolution)")
+    p.add_argument("--reuse_steps", type=int, default=1,
+                   help="recompute the merge plans every K denoising steps and reuse them in between (default 1)")
+    p.add_argument("--tile", type=int, nargs="+", default=None, metavar="H [W]",
+                   help="ATC: cluster within tiles of H x W latent tokens (faster on large latents; default: none)")
     p.add_argument("--sx", type=int, default=2, help="ToMe-SD cell width (one destination token per cell)")
     p.add_argument("--sy", type=int, default=2, help="ToMe-SD cell height")
     p.add_argument("--use_rand", action=argparse.BooleanOptionalAction, default=True,
@@ -106,6 +116,12 @@ def experiment_name(args: argparse.Namespace) -> str:
     if args.blocks:
         parts.append("b" + "-".join(str(b) for b in args.blocks))
     parts.append(ops)
+    if args.plan != "block":
+        parts.append(args.plan + (str(args.group_size) if args.group_size else ""))
+    if args.reuse_steps > 1:
+        parts.append(f"k{args.reuse_steps}")
+    if args.tile:
+        parts.append(f"tile{args.tile[0]}x{args.tile[-1]}")
     if args.merge_fn_str == "tome":
         parts.append(f"sx{args.sx}sy{args.sy}" + ("rand" if args.use_rand else ""))
     return "_".join(parts)
@@ -148,7 +164,8 @@ def check_args(args: argparse.Namespace) -> None:
                              "--merge_crossattn, --merge_mlp)")
         try:
             check_options(args.merge_fn_str, args.reduction_ratio, args.max_downsample, args.sx, args.sy,
-                          args.linkage, args.backend, args.device or "cpu")
+                          args.linkage, args.backend, args.device or "cpu", args.plan, args.group_size,
+                          args.reuse_steps, tuple(args.tile) if args.tile else None)
         except (ValueError, TypeError) as err:
             raise SystemExit(f"invalid merging option: {err}") from None
 
@@ -227,7 +244,8 @@ def main(argv: list[str] | None = None) -> Path:
                 pipe, method=args.merge_fn_str, ratio=args.reduction_ratio, max_downsample=args.max_downsample,
                 merge_attn=args.merge_attn, merge_crossattn=args.merge_crossattn, merge_mlp=args.merge_mlp,
                 sx=args.sx, sy=args.sy, use_rand=args.use_rand, linkage=args.linkage, backend=args.backend,
-                blocks=args.blocks,
+                blocks=args.blocks, plan=args.plan, group_size=args.group_size, reuse_steps=args.reuse_steps,
+                tile=tuple(args.tile) if args.tile else None,
             )
         except (ValueError, TypeError) as err:
             raise SystemExit(f"invalid merging option for {type(pipe).__name__}: {err}") from None

@@ -17,7 +17,8 @@
 #   (b) benchmark_merging_method.py: deit/tome/atc small and base, keep 0.7 and 0.5, batch 1 and 256, fp16
 #       autocast, average linkage; if its --help lists --compile, also --compile default at batch 256 and
 #       --compile reduce-overhead at batch 1 (small models, keep 0.7);
-#   (c) SD_setup/benchmark_diffusion.py: sd15 UNet, none/tome/atc at ratio 0.5, float16, clustering backend auto;
+#   (c) SD_setup/benchmark_diffusion.py: sd15 UNet, none/tome/atc at ratio 0.5 (per block and with a shared plan;
+#       ATC also in 16x16 tiles), float16, clustering backend auto;
 #   (d) scripts/triton_warps_sweep.py: the triton kernel at 1-16 warps per sample against its default
 #       (T = 196, 576 at B = 1, 256; T = 4096 at B = 1), to tune atc._triton_cluster.launch_config.
 #
@@ -119,7 +120,7 @@ if [ "$QUICK" = 1 ]; then
     CLUSTER_KEYS="16:4,36:4,64:2"
     VIT_SIZES="tiny"; VIT_SMALL=tiny; VIT_BASE=tiny; VIT_BATCH_EXPS="0 1"; VIT_KEY_BATCH=2
     VIT_ARGS=(--input_size 64 --runs 3 --repeats 1)
-    SD_ARGS=(--config unet-tiny --latent_size 8 --runs 1 --warmup 0)
+    SD_ARGS=(--config unet-tiny --latent_size 8 --runs 1 --warmup 0 --steps 2 --tile none 4x4)
     T_FW=90; T_FW_LARGE=60; T_VIT=90; T_SD=120; T_COMPILE=120; T_WARPS=60
     WARPS_ARGS=(--tokens 16 40 --batches 1 2 --warps 1 2 --runs 1)
 else
@@ -128,7 +129,7 @@ else
     CLUSTER_KEYS="196:256,576:256,4096:2"
     VIT_SIZES="small base"; VIT_SMALL=small; VIT_BASE=base; VIT_BATCH_EXPS="0 8"; VIT_KEY_BATCH=256
     VIT_ARGS=(--runs 50 --repeats 2)
-    SD_ARGS=(--config sd15 --latent_size 64 --runs 5 --warmup 2)
+    SD_ARGS=(--config sd15 --latent_size 64 --runs 5 --warmup 2 --steps 3 --tile none 16x16)
     T_FW=150; T_FW_LARGE=60; T_VIT=120; T_SD=180; T_COMPILE=150; T_WARPS=60
     WARPS_ARGS=(--tokens 196 576 4096 --batches 1 256 --warps 1 2 4 8 16 --runs 20)
 fi
@@ -224,7 +225,7 @@ if [ "$PREFLIGHT_FAILED" = 0 ] && wanted sd "sd unet step"; then
     if [ "$SD_OK" = 1 ]; then
         run_step "sd unet step" "$T_SD" \
             "$PYTHON" SD_setup/benchmark_diffusion.py --device "$DEVICE" --dtype float16 --methods none tome atc \
-            --ratios 0.5 --backend auto "${SD_ARGS[@]}" --output_dir "$WORK/sd"
+            --ratios 0.5 --plan block group --backend auto "${SD_ARGS[@]}" --output_dir "$WORK/sd"
     fi
 fi
 

@@ -73,7 +73,10 @@ def test_quick_cpu_run_writes_csvs_and_summary(tmp_path):
     if has_diffusers:
         assert steps["sd unet step"] == "ok"
         sd = pd.read_csv(out / "sd.csv")
-        assert list(sd["method"]) == ["none", "tome", "atc"] and (sd["dtype"] == "float16").all()
+        assert list(sd["method"]) == ["none", "tome", "tome", "atc", "atc", "atc", "atc"]
+        assert list(sd["plan"]) == ["block", "block", "group", "block", "block", "group", "group"]
+        assert list(sd["tile"].fillna("")) == ["", "", "", "", "4x4", "", "4x4"] and (sd["dtype"] == "float16").all()
+        assert "ATC ratio 0.5, group tile 4x4 / unpatched step" in summary
         assert "SD UNet step (unet-tiny, float16) with ATC ratio 0.5 / unpatched step" in summary
     else:
         assert steps["sd unet step"] == "skipped" and "diffusers is not importable" in summary
@@ -173,8 +176,12 @@ def test_summary_compares_gpu_results_with_the_targets(tmp_path):
         for m, keep, tp in (("deit", "", 25000), ("tome", 0.7, 22000), ("atc", 0.7, 23100))])
     _write(work / "sd" / "unet_step_time_sd15_64.csv", [
         {"config": "sd15", "method": m, "reduction_ratio": r, "backend": b, "dtype": "float16", "latent_size": 64,
-         "step_time_median_s": s, "runs": 5}
-        for m, r, b, s in (("none", 0.0, "", 0.02), ("tome", 0.5, "", 0.018), ("atc", 0.5, "triton", 0.06))])
+         "step_time_median_s": s, "runs": 5, "plan": plan, "reuse_steps": 1, "tile": tile, "rel_error": e,
+         "plans_per_step": k}
+        for m, r, b, s, plan, tile, e, k in (("none", 0.0, "", 0.02, "block", "", 0.0, 0),
+                                             ("tome", 0.5, "", 0.018, "block", "", 0.05, 5),
+                                             ("atc", 0.5, "triton", 0.06, "block", "", 0.04, 5),
+                                             ("atc", 0.5, "triton", 0.019, "group", "16x16", 0.05, 1))])
     (work / "status.tsv").write_text("preflight\tok\t0\t\nvit small compile default (batch 256)\ttimeout\t150\t"
                                      "killed after 150s\n")
 
@@ -193,6 +200,8 @@ def test_summary_compares_gpu_results_with_the_targets(tmp_path):
     assert lines["atc_small / tome_small img/s, keep 0.7, batch 256, autocast"][0:4:3] == ["0.972x", "yes"]
     assert lines["atc_base / deit_base img/s, keep 0.7, batch 256, autocast"][0:4:3] == ["1.019x", "**no**"]
     assert lines["SD UNet step (sd15, float16) with ATC ratio 0.5 / unpatched step"][0:4:3] == ["3.00x", "yes"]
+    assert lines["SD UNet step (sd15, float16) with ATC ratio 0.5, group tile 16x16 / unpatched step"][0:4] == [
+        "0.95x", "≤ 1x", "", "yes"]
     assert lines["atc_small / tome_small img/s, keep 0.7, batch 256, compile default"][0] == "1.050x"
     assert "(backend triton)" in summary
     assert "**vit small compile default (batch 256): timeout**" in summary

@@ -179,3 +179,7 @@ def test_generate_with_diffusion_transformer_pipelines(kind, tmp_path):
     assert plain.shape == merged.shape == (32, 32, 3) and not np.array_equal(plain, merged)
     with pytest.raises(SystemExit, match="blocks: index 9 is out of range"):
         sd_generate.main(args + ["--merge_fn_str", "atc", "--blocks", "9"])
+    fast = sd_generate.main(args + ["--merge_fn_str", "atc", "--plan", "group", "--reuse_steps", "2", "--tile", "2"])
+    assert fast.name == "atc_average_r0.5_attn_group_k2_tile2x2" and (fast / "0000_0.png").is_file()
+    with pytest.raises(SystemExit, match="ToMe-SD is already local"):
+        sd_generate.main(args + ["--merge_fn_str", "tome", "--tile", "2"])
