@@ -268,3 +268,19 @@ def test_bad_options_are_clear_errors():
         block.set_chunk_feed_forward(2, 1)
     with pytest.raises(ValueError, match="disable_forward_chunking"):
         run(unet, make_inputs(unet))
+
+
+def test_blocks_option_selects_unet_blocks():
+    """`blocks` (indices in the UNet's module order) combines with max_downsample: only the chosen blocks merge."""
+    from atc.patch.diffusion import merge_info
+
+    unet = make_unet()
+    inputs = make_inputs(unet)
+    full = block_resolution(unet, inputs)
+    chosen = [0, 3, 6]
+    atc.patch.diffusers(unet, method="atc", ratio=0.5, max_downsample=2, blocks=chosen)
+    run(unet, inputs)
+    assert merge_info(unet)["tokens"] == {i: (full[i], full[i] - int(full[i] * 0.5)) for i in chosen}
+    atc.patch.diffusers(unet, method="atc", ratio=0.5, max_downsample=1, blocks=[i for i in full if full[i] == 64])
+    with pytest.warns(UserWarning, match="outside max_downsample=1"):
+        run(unet, inputs)
