@@ -65,11 +65,18 @@ transformers alike), and run around whatever ``forward`` is installed, so they c
 methods, which install their ``HookRegistry`` by replacing ``forward``. No block forward is replaced.
 :func:`remove_patch` removes every hook and attribute it added: the model is then exactly the original.
 
+Faster merging (all off by default, which reproduces the published per-block behaviour bit for bit):
+``plan="group"`` computes one merge for a group of blocks (UNet: one latent resolution; transformers: all patched
+blocks, or runs of ``group_size``) at the group's first block and reuses it in the others; ``reuse_steps=k``
+recomputes the plans only every ``k`` denoising steps, telling steps apart by the model's ``timestep``; ``tile``
+clusters ATC within tiles of the token grid (:func:`atc.merge.tiled_atc_merge`).
+
 ``torch.compile``: a patched model compiles with ``fullgraph=True`` for ATC (clustering is the custom operator
-``atc::agglomerative_clustering``) and for ToMe-SD with ``use_rand=False``. ToMe-SD's random destinations
-(``use_rand=True``) are drawn from a CPU ``torch.Generator``, which ``torch.compile`` cannot trace (a graph break at
-each patched block, so compile those with the default ``fullgraph=False``); so is ToMe-SD on Flux, which reads
-the token grid from ``img_ids`` on the host.
+``atc::agglomerative_clustering``; tiles and group plans included) and for ToMe-SD with ``use_rand=False``.
+ToMe-SD's random destinations (``use_rand=True``) are drawn from a CPU ``torch.Generator``, which
+``torch.compile`` cannot trace (a graph break at each patched block, so compile those with the default
+``fullgraph=False``); so is ToMe-SD on Flux, which reads the token grid from ``img_ids`` on the host, and
+``reuse_steps > 1``, which reads the timestep on the host.
 """
 
 from __future__ import annotations
