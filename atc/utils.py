@@ -109,8 +109,10 @@ _LINESTYLES = ("-", "-", "--", ":", "-.", (0, (5, 1, 1, 1)), (0, (1, 3)), (0, (8
 def errorbar_plot(
     rows: Iterable[dict], x: str, y: str, yerr: str, *, panel: str, color: str, marker: str, label: str,
     path: str | os.PathLike, title: str = "", xlabel: str | None = None, ylabel: str | None = None,
+    sharey: bool = True,
 ) -> Path:
-    """Side-by-side panels (one per value of ``panel``, shared y axis) of lines with error bars, saved as PNG.
+    """Side-by-side panels (one per value of ``panel``, shared y axis unless ``sharey=False``: then each panel is
+    labelled by its own name) of lines with error bars, saved as PNG.
 
     One line per value of ``label``; its colour is chosen by the value of ``color`` and its marker and line style
     by the value of ``marker`` (in order of first appearance), so two columns can be told apart at a glance (e.g.
@@ -128,7 +130,7 @@ def errorbar_plot(
     markers = {v: _MARKERS[i % len(_MARKERS)] for i, v in enumerate(dict.fromkeys(frame[marker]))}
     styles = {v: _LINESTYLES[i % len(_LINESTYLES)] for i, v in enumerate(dict.fromkeys(frame[marker]))}
     panels = list(dict.fromkeys(frame[panel]))
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.6), sharey=True, squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.6), sharey=sharey, squeeze=False)
     for ax, name in zip(axes[0], panels):
         for line, part in frame[frame[panel] == name].groupby(label, sort=False):
             part = part.sort_values(x)
@@ -143,7 +145,10 @@ def errorbar_plot(
         ax.set_title(str(name))
         ax.set_xlabel(xlabel or x)
         ax.grid(True, alpha=0.3)
-    axes[0][0].set_ylabel(ylabel or y)
+        if not sharey:
+            ax.set_ylabel(str(name))
+    if sharey:
+        axes[0][0].set_ylabel(ylabel or y)
     axes[0][-1].legend(fontsize=8, loc="best")
     if title:
         fig.suptitle(title)
