@@ -42,7 +42,7 @@ from atc.cluster import LINKAGES
 from atc.patch.diffusers_unet import METHODS as PATCH_METHODS
 from atc.patch.diffusers_unet import check_options
 from atc.sd import digits_diffusion as dd
-from atc.utils import atomic_save, atomic_write_text, errorbar_plot, seed_everything, write_csv
+from atc.utils import atomic_save, atomic_write_text, errorbar_plot, seed_everything
 
 #: ``--methods`` choices: no merging, then every method of the diffusers patch, ATC once per linkage.
 METHODS = ("none", *(m for m in PATCH_METHODS if m != "atc"), *(f"atc_{lk}" for lk in LINKAGES))
@@ -50,6 +50,7 @@ METHODS = ("none", *(m for m in PATCH_METHODS if m != "atc"), *(f"atc_{lk}" for 
 #: sampled without merging, and their merging rows are reported as pending.
 MERGEABLE_MODELS = ("unet",)
 KEY = ["seed", "method", "linkage", "ratio", "options"]
+COLUMNS = ("seed", "model", *KEY[1:], "images", "mse", "psnr_db", "class_acc", "fid", "s_per_image")
 
 
 @dataclass(frozen=True)
@@ -306,7 +307,7 @@ def run_seed(args: argparse.Namespace, seed: int, settings: list[Setting], rows:
     def add(row: dict[str, Any]) -> None:
         rows.append(row)
         done.add(tuple(row[k] for k in KEY))
-        write_csv(rows, csv_path)  # after every row: an interrupted run loses nothing
+        write_results(rows, csv_path)  # after every row: an interrupted run loses nothing
 
     if real.key(seed) not in done:
         # The references of the two quality metrics. Class accuracy: the judge on the held-out real digits (it
@@ -467,6 +468,15 @@ def sample_grid(out: Path, seed: int, settings: list[Setting], path: Path) -> No
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def write_results(rows: list[dict[str, Any]], path: Path) -> None:
+    """results.csv (atomically): the key and metric columns first, then tokens per block, then the note."""
+    frame = pd.DataFrame(rows)
+    tokens = sorted((c for c in frame.columns if c.startswith("tokens_block")), key=lambda c: int(c[12:]))
+    frame = frame.reindex(columns=[*COLUMNS, *tokens, "note"])
+    frame[tokens] = frame[tokens].astype("Int64")  # the real-digits rows have none
+    atomic_write_text(frame.to_csv(index=False), path)
 
 
 def read_results(path: Path) -> pd.DataFrame:

@@ -38,6 +38,16 @@ def _read(path: Path) -> pd.DataFrame:
     return pd.read_csv(path, dtype=text).fillna({k: "" for k in text})
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These models are tiny: one thread is as fast on idle cores and far faster on busy ones (idle OpenMP workers
+    spin). The script's --threads changes the process-wide setting; put it back afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def judge() -> dd.DigitsJudge:
     return dd.DigitsJudge.fit(seed=0)
@@ -191,6 +201,42 @@ def test_paired_mse_and_psnr_match_brute_force():
     assert dd.paired_mse(a, a) == 0 and dd.psnr(0.0) == float("inf") and dd.psnr(0.01) == pytest.approx(20.0)
     with pytest.raises(ValueError, match="same shape"):
         dd.paired_mse(a, b[:4])
+
+
+def test_interrupted_training_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    images, labels = dd.digits_images("train")
+    config = dd.DenoiserConfig(widths=(8, 16), context_dim=16)
+    train = dd.TrainConfig(steps=6, batch_size=16, warmup=2, save_every=3)
+
+    def trained(path, interrupt: bool) -> dict:
+        torch.manual_seed(0)
+        model = dd.build_denoiser(config)
+        if interrupt:  # killed right after the checkpoint of step 3
+            original = dd.atomic_save
+
+            def save_then_die(obj, target):
+                original(obj, target)
+                raise KeyboardInterrupt
+
+            with monkeypatch.context() as m:
+                m.setattr(dd, "atomic_save", save_then_die)
+                with pytest.raises(KeyboardInterrupt):
+                    dd.train_denoiser(model, images, labels, train, path, progress=False)
+            assert torch.load(path, weights_only=False)["step"] == 3
+            torch.manual_seed(1)  # the resumed run must not depend on the global RNG
+            model = dd.build_denoiser(config)
+        info = dd.train_denoiser(model, images, labels, train, path, progress=False)
+        assert info["steps"] == 6
+        return model.state_dict()
+
+    straight = trained(tmp_path / "straight.pth", interrupt=False)
+    resumed = trained(tmp_path / "resumed.pth", interrupt=True)
+    assert straight.keys() == resumed.keys()
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    # the checkpoint holds the settings it was trained with: other settings are refused, not silently reused
+    with pytest.raises(ValueError, match="other settings"):
+        dd.train_denoiser(dd.build_denoiser(config), images, labels, dd.TrainConfig(steps=7, batch_size=16),
+                          tmp_path / "straight.pth", progress=False)
 
 
 def test_digits_images_and_balanced_classes():
