@@ -109,14 +109,15 @@ _LINESTYLES = ("-", "-", "--", ":", "-.", (0, (5, 1, 1, 1)), (0, (1, 3)), (0, (8
 def errorbar_plot(
     rows: Iterable[dict], x: str, y: str, yerr: str, *, panel: str, color: str, marker: str, label: str,
     path: str | os.PathLike, title: str = "", xlabel: str | None = None, ylabel: str | None = None,
-    sharey: bool = True,
+    sharey: bool = True, order: str | None = None,
 ) -> Path:
     """Side-by-side panels (one per value of ``panel``, shared y axis unless ``sharey=False``: then each panel is
     labelled by its own name) of lines with error bars, saved as PNG.
 
     One line per value of ``label``; its colour is chosen by the value of ``color`` and its marker and line style
     by the value of ``marker`` (in order of first appearance), so two columns can be told apart at a glance (e.g.
-    method by colour, variant by marker). A line with a single point (a reference, e.g. an unreduced model) is also drawn
+    method by colour, variant by marker). A line joins its points in the order of ``x``, or of the column ``order``
+    (e.g. a setting, where the measured ``x`` is noisy). A line with a single point (a reference, e.g. an unreduced model) is also drawn
     as a dashed horizontal line with a shaded ``y +- yerr`` band across its panel.
     """
     import matplotlib
@@ -133,7 +134,7 @@ def errorbar_plot(
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.6), sharey=sharey, squeeze=False)
     for ax, name in zip(axes[0], panels):
         for line, part in frame[frame[panel] == name].groupby(label, sort=False):
-            part = part.sort_values(x)
+            part = part.sort_values(order or x)
             c, m, ls = colors[part[color].iloc[0]], markers[part[marker].iloc[0]], styles[part[marker].iloc[0]]
             err = part[yerr].fillna(0.0)
             ax.errorbar(part[x], part[y], yerr=err, color=c, marker=m, markersize=8 if m == "*" else 6,
