@@ -40,7 +40,7 @@ import atc.patch
 from atc.cli import ConfigError, run_cli
 from atc.cluster import LINKAGES
 from atc.patch.diffusers_unet import METHODS as PATCH_METHODS
-from atc.patch.diffusers_unet import check_options
+from atc.patch.diffusers_unet import reseed
 from atc.sd import digits_diffusion as dd
 from atc.utils import atomic_save, atomic_write_text, errorbar_plot, seed_everything
 
@@ -133,7 +133,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--context_dim", type=int, default=64, help="UNet: width of the one-token class context")
     g.add_argument("--patch_size", type=int, default=1, help="DiT: patch side (tokens = (resolution/patch)^2)")
     g = p.add_argument_group("training (DDPM, epsilon prediction, AdamW, warm-up then cosine)")
-    g.add_argument("--train_steps", type=int, default=600, help="optimiser steps per seed")
+    g.add_argument("--train_steps", type=int, default=800, help="optimiser steps per seed")
     g.add_argument("--batch_size", type=int, default=128, help="training batch size")
     g.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
     g.add_argument("--warmup_steps", type=int, default=50, help="linear warm-up steps")
@@ -267,7 +267,7 @@ def sample_setting(model: torch.nn.Module, setting: Setting, args: argparse.Name
         # patched afresh, so nothing the warm-up left in the patch's state reaches the samples; ToMe-SD's random
         # destinations: every run starts its generator from the same seed
         atc.patch.diffusers(backbone, **kwargs)
-        atc.patch.diffusers_unet.reseed(backbone, seed)
+        reseed(backbone, seed)
     try:
         with dd.attention_tokens(backbone) as tokens:
             start = time.perf_counter()
@@ -418,7 +418,7 @@ def markdown_table(frame: pd.DataFrame, args: argparse.Namespace, pending: list[
              "judge (an MLP trained on the real training digits) labels as the requested class. FID: Fréchet "
              "distance in the judge's hidden-layer features against the 360 held-out real digits; the real-digits "
              "row gives the judge's accuracy on the held-out digits and the FID of as many real training digits as "
-             "there are samples (the floors of both scores). Tokens: self-attention tokens of each "
+             "there are samples (reference values for both scores). Tokens: self-attention tokens of each "
              f"transformer block ({', '.join(b.replace('.transformer_blocks.', '.') for b in blocks)}). s / image: sampling wall time per image (the whole batch "
              "sampled at once, divided by its size).\n")
     if pending:
@@ -436,13 +436,14 @@ def plot(frame: pd.DataFrame, path: Path) -> None:
         for column, panel in panels:
             values = part[column] * (1000 if column == "mse" else 1)
             points.append({"panel": panel, "x": part.s_per_image.mean() * 1000, "y": values.mean(),
-                           "std": values.std() if len(values) > 1 else 0.0, "line": s.label,
+                           "std": values.std() if len(values) > 1 else 0.0, "line": s.label, "ratio": r.ratio,
                            "method": r.method, "marker": r.linkage or r.method})
     seeds = sorted(set(frame.seed))
     errorbar_plot(points, x="x", y="y", yerr="std", panel="panel", color="method", marker="marker", label="line",
-                  path=path, xlabel="sampling ms per image", sharey=False,
+                  path=path, xlabel="sampling ms per image", sharey=False, order="ratio",
                   title=f"Digits generation: quality vs sampling time, mean ± std over {len(seeds)} seed(s) "
-                        "(points: merge ratios)")
+                        f"(points: merge ratios {', '.join(f'{r:g}' for r in sorted(set(frame.ratio)) if r)}, "
+                        "joined in that order)")
 
 
 def sample_grid(out: Path, seed: int, settings: list[Setting], path: Path) -> None:

@@ -38,10 +38,10 @@ def _read(path: Path) -> pd.DataFrame:
     return pd.read_csv(path, dtype=text).fillna({k: "" for k in text})
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These models are tiny: one thread is as fast on idle cores and far faster on busy ones (idle OpenMP workers
-    spin). The script's --threads changes the process-wide setting; put it back afterwards."""
+@pytest.fixture
+def one_thread():
+    """For the tests that train or sample without the script (which has --threads): these models are tiny, one
+    thread is as fast on idle cores and far faster on busy ones (idle OpenMP workers spin)."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -203,7 +203,7 @@ def test_paired_mse_and_psnr_match_brute_force():
         dd.paired_mse(a, b[:4])
 
 
-def test_interrupted_training_resumes_to_the_same_weights(tmp_path, monkeypatch):
+def test_interrupted_training_resumes_to_the_same_weights(tmp_path, monkeypatch, one_thread):
     images, labels = dd.digits_images("train")
     config = dd.DenoiserConfig(widths=(8, 16), context_dim=16)
     train = dd.TrainConfig(steps=6, batch_size=16, warmup=2, save_every=3)
@@ -233,6 +233,8 @@ def test_interrupted_training_resumes_to_the_same_weights(tmp_path, monkeypatch)
     resumed = trained(tmp_path / "resumed.pth", interrupt=True)
     assert straight.keys() == resumed.keys()
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    loaded = dd.load_denoiser(config, tmp_path / "resumed.pth").state_dict()
+    assert all(torch.equal(straight[k], loaded[k]) for k in straight)
     # the checkpoint holds the settings it was trained with: other settings are refused, not silently reused
     with pytest.raises(ValueError, match="other settings"):
         dd.train_denoiser(dd.build_denoiser(config), images, labels, dd.TrainConfig(steps=7, batch_size=16),
@@ -246,7 +248,7 @@ def test_digits_images_and_balanced_classes():
     assert torch.equal(dd.initial_noise(4, 8, seed=3), dd.initial_noise(4, 8, seed=3))
 
 
-def test_sampling_is_a_function_of_noise_and_class():
+def test_sampling_is_a_function_of_noise_and_class(one_thread):
     """DDIM with eta 0: the same noise and class give the same image whatever the batch it is sampled in (the
     pairing behind the paired deviation), and guidance 1 is the conditional prediction alone."""
     torch.manual_seed(0)

@@ -2,14 +2,17 @@
 token merging on it without downloading anything: the miniature of the paper's Stable Diffusion table
 (``reproduce_digits_generation.py`` is its command line).
 
-    from atc.sd.digits_diffusion import (DenoiserConfig, build_denoiser, digits_images, train_denoiser,
-                                         sample_images, DigitsJudge, paired_mse, class_accuracy, judge_fid)
+    import atc.patch
+    from atc.sd.digits_diffusion import *
     images, labels = digits_images("train", resolution=8)           # (1437, 1, 8, 8) in [-1, 1], (1437,)
     model = build_denoiser(DenoiserConfig(model="unet", resolution=8))
-    train_denoiser(model, images, labels, TrainConfig(steps=600), "denoiser.pth")
-    atc.patch.diffusers(model, method="atc", ratio=0.5)             # the wrapper has the UNet as ``.unet``
-    samples = sample_images(model, noise, classes, steps=20)        # (N, 1, 8, 8) in [-1, 1]
+    train = TrainConfig(steps=800)
+    train_denoiser(model, images, labels, train, "denoiser.pth")    # cached: a rerun loads it
+    noise, classes = initial_noise(500, 8, seed=0), balanced_classes(50)
+    atc.patch.diffusers(model.backbone, method="atc", ratio=0.5)    # .backbone: the diffusers UNet
+    samples = sample_images(model, noise, classes, train, steps=20) # (500, 1, 8, 8) in [-1, 1]
     judge = DigitsJudge.fit(seed=0)                                  # an MLP on the real 8x8 digits
+    real, _ = digits_images("val")
     class_accuracy(judge, samples, classes), judge_fid(judge, real, samples)
 
 The denoisers are diffusers' own classes (``UNet2DConditionModel``; ``DiTTransformer2DModel``), trained with
@@ -30,7 +33,7 @@ from __future__ import annotations
 import math
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -205,7 +208,7 @@ class TrainConfig:
     """DDPM training: ``steps`` AdamW steps of ``batch_size`` images, lr warmed up linearly over ``warmup`` steps
     then cosine to 0; ``label_dropout``: fraction of labels replaced by the null class (classifier-free guidance)."""
 
-    steps: int = 600
+    steps: int = 800
     batch_size: int = 128
     lr: float = 2e-3
     warmup: int = 50
