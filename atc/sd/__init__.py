@@ -3,7 +3,9 @@ and FID (:mod:`atc.fid`):
 
 - :mod:`atc.sd.imagenet_classes`: the 1000 ImageNet classes with short readable names for the prompts, and
   ``select_classes`` for ``--classes`` (indices, ranges, WordNet ids, names);
-- :mod:`atc.sd.tiny_pipeline`: a tiny random SD-1.x / SDXL pipeline built offline, for smoke runs and tests.
+- :mod:`atc.sd.tiny_pipeline`: a tiny random SD-1.x / SDXL pipeline built offline, for smoke runs and tests;
+- :mod:`atc.sd.digits_diffusion`: a small class-conditional diffusion model trained on the bundled digits, its
+  sampler and the download-free quality metrics of ``reproduce_digits_generation.py``.
 
 Submodules are imported on use, so ``import atc.sd`` needs neither diffusers nor transformers.
 """
