@@ -42,7 +42,7 @@ from atc.cluster import LINKAGES
 from atc.patch.diffusers_unet import METHODS as PATCH_METHODS
 from atc.patch.diffusers_unet import reseed
 from atc.sd import digits_diffusion as dd
-from atc.utils import atomic_save, atomic_write_text, errorbar_plot, seed_everything
+from atc.utils import atomic_save, atomic_write_text, errorbar_plot, seed_everything, set_threads
 
 #: ``--methods`` choices: no merging, then every method of the diffusers patch, ATC once per linkage.
 METHODS = ("none", *(m for m in PATCH_METHODS if m != "atc"), *(f"atc_{lk}" for lk in LINKAGES))
@@ -124,7 +124,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "until atc.patch.diffusers supports it)")
     g.add_argument("--resolution", type=int, default=8,
                    help="image side: 8 = the digits' own grid (64 tokens at full resolution); 16 = upsampled "
-                        "(256 tokens, about 3.5x the training cost)")
+                        "(256 tokens, about 5x the cost of a training step)")
     g.add_argument("--widths", type=int, nargs="+", default=[32, 64],
                    help="UNet channels per level (the first level holds the full-resolution transformer blocks); "
                         "DiT: the first value is its width")
@@ -160,17 +160,6 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 QUICK = {"seeds": [0], "widths": [16, 32], "train_steps": 30, "batch_size": 64, "warmup_steps": 5, "per_class": 2,
          "sampling_steps": 4, "ratios": [0.5]}
-
-
-def set_threads(n: int) -> None:
-    """``n`` threads for torch and numba (they share one OpenMP runtime whose idle workers spin; see
-    docs/training.md)."""
-    torch.set_num_threads(n)
-    try:
-        import numba
-    except ImportError:
-        return
-    numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
 
 
 def build_settings(args: argparse.Namespace) -> list[Setting]:
