@@ -16,7 +16,7 @@ For every seed:
    (quality against sampling time) and samples.png (one image per class for every setting, first seed).
 
 Resumable: trained denoisers are cached (atomic checkpoints; an interrupted training continues), finished rows in
-results.csv are skipped. Defaults take about 15 minutes on 2 idle CPU cores:
+results.csv are skipped. The defaults (2 seeds) take about 13 minutes on 2 CPU cores (docs/stable_diffusion.md):
 
     python reproduce_digits_generation.py --output_dir results/digits_generation
 """
