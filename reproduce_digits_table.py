@@ -34,7 +34,7 @@ from atc.cli import ConfigError
 from atc.data import build_loaders
 from atc.engine import FitConfig, evaluate, fit
 from atc.models import build_classifier, validate_reduction
-from atc.utils import atomic_write_text, errorbar_plot, seed_everything, write_csv
+from atc.utils import atomic_write_text, errorbar_plot, seed_everything, set_threads, write_csv
 
 METHODS = ("none", "tome", "atc_single", "atc_complete", "atc_average")
 SETTINGS = ("off-the-shelf", "fine-tuned")
@@ -69,19 +69,6 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="torch and numba (ATC clustering) threads; 0 = their defaults (fastest on idle cores). Use 1 "
                         "on a machine whose cores are busy with other work (see docs/training.md)")
     return p
-
-
-def set_threads(n: int) -> None:
-    """Use ``n`` threads in torch and in numba, the CPU clustering backend. Both run on the same OpenMP runtime,
-    whose idle workers spin-wait between parallel regions; on cores busy with other work the spinning takes the
-    core the training needs (measured on a busy 2-core machine: 60-96 s per base epoch with torch or numba at 2
-    threads, 7 s with both at 1), so limiting torch alone is not enough."""
-    torch.set_num_threads(n)
-    try:
-        import numba
-    except ImportError:
-        return
-    numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
 
 
 def split_method(name: str) -> tuple[str, str]:

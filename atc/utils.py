@@ -11,7 +11,8 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
-__all__ = ["atomic_save", "atomic_write_text", "seed_everything", "write_csv", "line_plot", "errorbar_plot"]
+__all__ = ["atomic_save", "atomic_write_text", "seed_everything", "set_threads", "write_csv", "line_plot",
+           "errorbar_plot"]
 
 
 def _atomic_replace(path: str | os.PathLike, write: Any) -> Path:
@@ -48,6 +49,19 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def set_threads(n: int) -> None:
+    """Use ``n`` threads in torch and in numba, the CPU clustering backend. Both run on the same OpenMP runtime,
+    whose idle workers spin-wait between parallel regions; on cores busy with other work the spinning takes the
+    core the computation needs (measured on a busy 2-core machine: 60-96 s per base epoch of the digits table with
+    torch or numba at 2 threads, 7 s with both at 1), so limiting torch alone is not enough."""
+    torch.set_num_threads(n)
+    try:
+        import numba
+    except ImportError:
+        return
+    numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
 
 
 def write_csv(rows: Iterable[dict], path: str | os.PathLike) -> Path:
@@ -109,12 +123,15 @@ _LINESTYLES = ("-", "-", "--", ":", "-.", (0, (5, 1, 1, 1)), (0, (1, 3)), (0, (8
 def errorbar_plot(
     rows: Iterable[dict], x: str, y: str, yerr: str, *, panel: str, color: str, marker: str, label: str,
     path: str | os.PathLike, title: str = "", xlabel: str | None = None, ylabel: str | None = None,
+    sharey: bool = True, order: str | None = None,
 ) -> Path:
-    """Side-by-side panels (one per value of ``panel``, shared y axis) of lines with error bars, saved as PNG.
+    """Side-by-side panels (one per value of ``panel``, shared y axis unless ``sharey=False``: then each panel is
+    labelled by its own name) of lines with error bars, saved as PNG.
 
     One line per value of ``label``; its colour is chosen by the value of ``color`` and its marker and line style
     by the value of ``marker`` (in order of first appearance), so two columns can be told apart at a glance (e.g.
-    method by colour, variant by marker). A line with a single point (a reference, e.g. an unreduced model) is also drawn
+    method by colour, variant by marker). A line joins its points in the order of ``x``, or of the column ``order``
+    (e.g. a setting, where the measured ``x`` is noisy). A line with a single point (a reference, e.g. an unreduced model) is also drawn
     as a dashed horizontal line with a shaded ``y +- yerr`` band across its panel.
     """
     import matplotlib
@@ -128,10 +145,10 @@ def errorbar_plot(
     markers = {v: _MARKERS[i % len(_MARKERS)] for i, v in enumerate(dict.fromkeys(frame[marker]))}
     styles = {v: _LINESTYLES[i % len(_LINESTYLES)] for i, v in enumerate(dict.fromkeys(frame[marker]))}
     panels = list(dict.fromkeys(frame[panel]))
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.6), sharey=True, squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.6), sharey=sharey, squeeze=False)
     for ax, name in zip(axes[0], panels):
         for line, part in frame[frame[panel] == name].groupby(label, sort=False):
-            part = part.sort_values(x)
+            part = part.sort_values(order or x)
             c, m, ls = colors[part[color].iloc[0]], markers[part[marker].iloc[0]], styles[part[marker].iloc[0]]
             err = part[yerr].fillna(0.0)
             ax.errorbar(part[x], part[y], yerr=err, color=c, marker=m, markersize=8 if m == "*" else 6,
@@ -143,7 +160,10 @@ def errorbar_plot(
         ax.set_title(str(name))
         ax.set_xlabel(xlabel or x)
         ax.grid(True, alpha=0.3)
-    axes[0][0].set_ylabel(ylabel or y)
+        if not sharey:
+            ax.set_ylabel(str(name))
+    if sharey:
+        axes[0][0].set_ylabel(ylabel or y)
     axes[0][-1].legend(fontsize=8, loc="best")
     if title:
         fig.suptitle(title)

@@ -6,7 +6,9 @@
 - :mod:`atc.sd.denoisers`: UNets and diffusion transformers with random weights from named configs (real shapes
   and tiny ones) and random inputs for them, for the step-time benchmark and the tests;
 - :mod:`atc.sd.tiny_pipeline`: tiny random SD-1.x / SDXL / PixArt / SD3 / Flux pipelines built offline, for smoke
-  runs and tests.
+  runs and tests;
+- :mod:`atc.sd.digits_diffusion`: a small class-conditional diffusion model trained on the bundled digits, its
+  sampler and the download-free quality metrics of ``reproduce_digits_generation.py``.
 
 Submodules are imported on use, so ``import atc.sd`` needs neither diffusers nor transformers.
 """
