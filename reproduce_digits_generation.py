@@ -39,16 +39,13 @@ from tqdm import tqdm
 import atc.patch
 from atc.cli import ConfigError, run_cli
 from atc.cluster import LINKAGES
-from atc.patch.diffusers_unet import METHODS as PATCH_METHODS
-from atc.patch.diffusers_unet import reseed
+from atc.patch.diffusion import METHODS as PATCH_METHODS
+from atc.patch.diffusion import reseed
 from atc.sd import digits_diffusion as dd
 from atc.utils import atomic_save, atomic_write_text, errorbar_plot, seed_everything, set_threads
 
 #: ``--methods`` choices: no merging, then every method of the diffusers patch, ATC once per linkage.
 METHODS = ("none", *(m for m in PATCH_METHODS if m != "atc"), *(f"atc_{lk}" for lk in LINKAGES))
-#: Denoisers that ``atc.patch.diffusers`` can merge. Others (DiT, until the patch supports it) are trained and
-#: sampled without merging, and their merging rows are reported as pending.
-MERGEABLE_MODELS = ("unet",)
 KEY = ["seed", "method", "linkage", "ratio", "options"]
 COLUMNS = ("seed", "model", *KEY[1:], "images", "mse", "psnr_db", "class_acc", "fid", "s_per_image")
 
@@ -120,8 +117,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("denoiser")
     g.add_argument("--model", default="unet", choices=list(dd.DENOISERS),
                    help="unet: diffusers UNet2DConditionModel, class as a one-token cross-attention context; dit: "
-                        "DiTTransformer2DModel (class labels native; trained and sampled, merging rows pending "
-                        "until atc.patch.diffusers supports it)")
+                        "DiTTransformer2DModel (class labels native; every block patched)")
     g.add_argument("--resolution", type=int, default=8,
                    help="image side: 8 = the digits' own grid (64 tokens at full resolution); 16 = upsampled "
                         "(256 tokens, about 5x the cost of a training step)")
@@ -187,9 +183,7 @@ def validate(args: argparse.Namespace, settings: list[Setting]) -> None:
     if args.sample_batch < 0 or args.sample_batch % 2:
         raise ConfigError(f"--sample_batch must be 0 (all at once) or even (ToMe-SD's random destinations switch off "
                           f"for odd batches), got {args.sample_batch}.")
-    model = dd.build_denoiser(denoiser_config(args))  # a bad --model / --widths / --patch_size fails here
-    if args.model not in MERGEABLE_MODELS:
-        return
+    model = dd.build_digits_denoiser(denoiser_config(args))  # a bad --model / --widths / --patch_size fails here
     # Patch an untrained model once per setting: a ratio a method cannot reach (ToMe-SD: at most 0.75), an
     # unknown --patch_options key or value fails now, not after the training.
     for s in settings:
@@ -277,7 +271,7 @@ def run_seed(args: argparse.Namespace, seed: int, settings: list[Setting], rows:
     seed_dir = out / f"seed{seed}"
     mcfg, tcfg = denoiser_config(args), train_config(args, seed)
     seed_everything(seed)
-    model = dd.build_denoiser(mcfg)
+    model = dd.build_digits_denoiser(mcfg)
     params = sum(p.numel() for p in model.parameters()) / 1e6
     tqdm.write(f"[seed {seed}] {args.model} denoiser ({params:.2f} M parameters, {args.resolution}x{args.resolution}): "
                f"{args.train_steps} steps at batch {args.batch_size} -> {seed_dir / 'denoiser.pth'}")
@@ -326,8 +320,6 @@ def run_seed(args: argparse.Namespace, seed: int, settings: list[Setting], rows:
         return setting.method not in ("none", "real") and any(int(t * setting.ratio) > 0
                                                               for t in unmerged_tokens.values())
 
-    pending = [s for s in todo if s.method != "none" and args.model not in MERGEABLE_MODELS]
-    todo = [s for s in todo if s not in pending]
     if Setting("none") not in todo and unmerged is None and todo:
         todo.insert(0, Setting("none"))  # the paired reference of the merged settings
     bar = tqdm(todo, desc=f"seed {seed}: sampling settings", dynamic_ncols=True)
@@ -348,9 +340,6 @@ def run_seed(args: argparse.Namespace, seed: int, settings: list[Setting], rows:
                "note": "nothing merged" if kwargs_merge(setting) and result["tokens"] == unmerged_tokens else ""}
         if setting.key(seed) not in done:
             add(row)
-    if pending:
-        tqdm.write(f"[seed {seed}] {len(pending)} merging settings pending: atc.patch.diffusers does not merge a "
-                   f"{args.model} yet (MERGEABLE_MODELS in this script)")
 
 
 # ------------------------------------------------------------------------------------------------------ report
@@ -380,7 +369,7 @@ def summarize(frame: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
-def markdown_table(frame: pd.DataFrame, args: argparse.Namespace, pending: list[Setting], blocks: list[str]) -> str:
+def markdown_table(frame: pd.DataFrame, args: argparse.Namespace, blocks: list[str]) -> str:
     token_cols = sorted((c for c in frame.columns if c.startswith("tokens_block")), key=lambda c: int(c[12:]))
     seeds = sorted(set(frame.seed))
     lines = ["| setting | ratio | self-attention tokens per block | paired MSE ×1000 | PSNR (dB) | class accuracy (%) "
@@ -410,9 +399,6 @@ def markdown_table(frame: pd.DataFrame, args: argparse.Namespace, pending: list[
              "there are samples (reference values for both scores). Tokens: self-attention tokens of each "
              f"transformer block ({', '.join(b.replace('.transformer_blocks.', '.') for b in blocks)}). s / image: sampling wall time per image (the whole batch "
              "sampled at once, divided by its size).\n")
-    if pending:
-        text += (f"\nPending: {len(pending)} merging settings of the `{args.model}` model (atc.patch.diffusers does "
-                 "not merge it yet).\n")
     return text
 
 
@@ -498,9 +484,8 @@ def main(args: argparse.Namespace) -> pd.DataFrame:
     frame = pd.DataFrame(rows)
     wanted = {s.key(seed) for seed in args.seeds for s in [Setting("real"), *settings]}
     frame = frame[[tuple(k) in wanted for k in frame[KEY].itertuples(index=False, name=None)]]
-    pending = [s for s in settings if s.method != "none" and args.model not in MERGEABLE_MODELS]
     blocks = json.loads((out / "blocks.json").read_text()) if (out / "blocks.json").is_file() else []
-    table = markdown_table(frame, args, pending, blocks)
+    table = markdown_table(frame, args, blocks)
     atomic_write_text(
         f"# Token merging in a digits diffusion model ({args.model}, {args.resolution}x{args.resolution}, widths "
         f"{' / '.join(map(str, args.widths))}, {args.train_steps} training steps at batch {args.batch_size}; "

@@ -119,16 +119,23 @@ def test_pipeline_end_to_end_and_resume(tmp_path, monkeypatch):
     assert job.cli(["--output_dir", str(out), *flags]) == 2
 
 
-def test_dit_is_trained_and_its_merging_reported_pending(tmp_path, capsys):
+def test_dit_is_trained_and_merged(tmp_path):
+    """DiT (class labels native): every block is patched; a merging row has fewer tokens and deviates."""
     job = _load()
     out = tmp_path / "dit"
     flags = ["--model", "dit", "--widths", "16", "--patch_size", "2", "--train_steps", "10", "--batch_size", "16",
              "--warmup_steps", "2", "--per_class", "1", "--sampling_steps", "2", "--ratios", "0.5", "--methods",
-             "none", "atc_average", "--seeds", "0", "--threads", "1"]
+             "none", "atc_average", "tome", "--seeds", "0", "--threads", "1",
+             "--patch_options", "", "plan=\"group\""]
     assert job.cli(["--output_dir", str(out), *flags]) == 0
     frame = _read(out / "results.csv")
-    assert sorted(frame.method) == ["none", "real"]
-    assert "Pending: 1 merging settings of the `dit` model" in (out / "results.md").read_text()
+    assert sorted(set(frame.method)) == ["atc", "none", "real", "tome"]
+    merged = frame[frame.method == "atc"]
+    assert len(merged) == 2 and sorted(merged.options) == ["", "plan=\"group\""]
+    tokens = [c for c in frame.columns if c.startswith("tokens_block")]
+    none = frame[frame.method == "none"].iloc[0]
+    assert all(none[c] == 16 for c in tokens) and all((merged[c] == 8).all() for c in tokens)
+    assert (merged.mse > 0).all() and not (merged.note == "nothing merged").any()
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -210,7 +217,7 @@ def test_interrupted_training_resumes_to_the_same_weights(tmp_path, monkeypatch,
 
     def trained(path, interrupt: bool) -> dict:
         torch.manual_seed(0)
-        model = dd.build_denoiser(config)
+        model = dd.build_digits_denoiser(config)
         if interrupt:  # killed right after the checkpoint of step 3
             original = dd.atomic_save
 
@@ -224,7 +231,7 @@ def test_interrupted_training_resumes_to_the_same_weights(tmp_path, monkeypatch,
                     dd.train_denoiser(model, images, labels, train, path, progress=False)
             assert torch.load(path, weights_only=False)["step"] == 3
             torch.manual_seed(1)  # the resumed run must not depend on the global RNG
-            model = dd.build_denoiser(config)
+            model = dd.build_digits_denoiser(config)
         info = dd.train_denoiser(model, images, labels, train, path, progress=False)
         assert info["steps"] == 6
         return model.state_dict()
@@ -237,7 +244,7 @@ def test_interrupted_training_resumes_to_the_same_weights(tmp_path, monkeypatch,
     assert all(torch.equal(straight[k], loaded[k]) for k in straight)
     # the checkpoint holds the settings it was trained with: other settings are refused, not silently reused
     with pytest.raises(ValueError, match="other settings"):
-        dd.train_denoiser(dd.build_denoiser(config), images, labels, dd.TrainConfig(steps=7, batch_size=16),
+        dd.train_denoiser(dd.build_digits_denoiser(config), images, labels, dd.TrainConfig(steps=7, batch_size=16),
                           tmp_path / "straight.pth", progress=False)
 
 
@@ -253,7 +260,7 @@ def test_sampling_is_a_function_of_noise_and_class(one_thread):
     pairing behind the paired deviation), and guidance 1 is the conditional prediction alone."""
     torch.manual_seed(0)
     config = dd.DenoiserConfig(widths=(8, 16), context_dim=16)
-    model = dd.build_denoiser(config).eval()
+    model = dd.build_digits_denoiser(config).eval()
     noise, classes = dd.initial_noise(6, 8, seed=1), dd.balanced_classes(1)[:6]
     tcfg = dd.TrainConfig()
     whole = dd.sample_images(model, noise, classes, tcfg, steps=3)

@@ -5,7 +5,7 @@ token merging on it without downloading anything: the miniature of the paper's S
     import atc.patch
     from atc.sd.digits_diffusion import *
     images, labels = digits_images("train", resolution=8)           # (1437, 1, 8, 8) in [-1, 1], (1437,)
-    model = build_denoiser(DenoiserConfig(model="unet", resolution=8))
+    model = build_digits_denoiser(DenoiserConfig(model="unet", resolution=8))
     train = TrainConfig(steps=800)
     train_denoiser(model, images, labels, train, "denoiser.pth")    # cached: a rerun loads it
     noise, classes = initial_noise(500, 8, seed=0), balanced_classes(50)
@@ -47,7 +47,7 @@ from atc.utils import atomic_save
 
 __all__ = [
     "NUM_CLASSES", "NULL_CLASS", "DENOISERS", "DenoiserConfig", "TrainConfig", "ClassConditionalUNet",
-    "ClassConditionalDiT", "build_denoiser", "digits_images", "train_denoiser", "load_denoiser", "sample_images",
+    "ClassConditionalDiT", "build_digits_denoiser", "digits_images", "train_denoiser", "load_denoiser", "sample_images",
     "balanced_classes", "initial_noise", "attention_tokens", "DigitsJudge", "paired_mse", "psnr",
     "class_accuracy", "judge_fid", "to_unit",
 ]
@@ -176,7 +176,7 @@ class ClassConditionalDiT(nn.Module):
 
     @property
     def backbone(self) -> nn.Module:
-        """The diffusers model, what ``atc.patch.diffusers`` patches (once it supports DiT)."""
+        """The diffusers model, what ``atc.patch.diffusers`` patches."""
         return self.transformer
 
     def forward(self, x: Tensor, t: Tensor, labels: Tensor) -> Tensor:
@@ -191,7 +191,7 @@ DENOISERS: dict[str, Callable[[DenoiserConfig], nn.Module]] = {
 }
 
 
-def build_denoiser(config: DenoiserConfig) -> nn.Module:
+def build_digits_denoiser(config: DenoiserConfig) -> nn.Module:
     if config.model not in DENOISERS:
         raise ConfigError(f"unknown --model {config.model!r}; choose from {', '.join(DENOISERS)}")
     if config.resolution < DIGITS_SIDE or config.resolution % DIGITS_SIDE:
@@ -324,7 +324,7 @@ def load_denoiser(config: DenoiserConfig, path: str | Path) -> nn.Module:
     """A trained denoiser from a checkpoint written by :func:`train_denoiser` (eval mode)."""
     from atc.checkpoint import read_checkpoint
 
-    model = build_denoiser(config)
+    model = build_digits_denoiser(config)
     model.load_state_dict(read_checkpoint(path, "denoiser checkpoint")["model"])
     return model.eval()
 
