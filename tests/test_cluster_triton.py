@@ -90,6 +90,24 @@ def test_reduced_and_double_precision_inputs(dtype):
         assert torch.equal(triton_labels(metric, 20, linkage), agglomerative_clustering(metric, 20, linkage, "numba"))
 
 
+def test_padding_identical_to_numba():
+    """Padded batches (mixed lengths, one sample with a single real token, one without padding, one with scattered
+    padding): the masked kernel gives numba's labels, which tests/test_cluster.py checks against per-sample
+    scikit-learn clustering."""
+    gen = torch.Generator().manual_seed(17)
+    for t, kind in [(21, "duplicated"), (40, "gauss")]:
+        metric = make_metric(gen, 4, t, 8, kind)
+        valid = torch.ones(4, t, dtype=torch.bool)
+        valid[1, 1:] = False
+        valid[2, t // 2:] = False
+        valid[3, ::4] = False
+        for linkage in LINKAGES:
+            for k in (2, t // 2, t - 3):
+                expected = agglomerative_clustering(metric, k, linkage, "numba", valid=valid)
+                got = agglomerative_clustering(metric.to(DEVICE), k, linkage, "triton", valid=valid.to(DEVICE)).cpu()
+                assert torch.equal(got, expected), (t, kind, linkage, k)
+
+
 @pytest.mark.skipif(ON_GPU, reason="the launch configuration of a GPU is what runs there anyway")
 def test_one_sample_per_program_as_on_a_gpu():
     """A GPU runs one sample per program; the interpreter batches samples. Both configurations agree."""
@@ -187,11 +205,12 @@ from triton.compiler import ASTSource
 import atc._triton_cluster as tc
 
 sig = {"gram_ptr": "*fp64", "dist_ptr": "*fp64", "nnd_ptr": "*fp64", "labels_ptr": "*i64", "flag_ptr": "*i32",
-       "B": "i32", "T": "i32", "num_clusters": "i32",
-       "LINKAGE": "constexpr", "S": "constexpr", "TP": "constexpr", "BR": "constexpr"}
-for t, linkage in [(196, 0), (196, 1), (196, 2), (4096, 2)]:
+       "valid_ptr": "*u8", "B": "i32", "T": "i32", "num_clusters": "i32",
+       "LINKAGE": "constexpr", "S": "constexpr", "TP": "constexpr", "BR": "constexpr", "MASKED": "constexpr"}
+for t, linkage, masked in [(196, 0, False), (196, 1, False), (196, 2, False), (4096, 2, False), (196, 2, True)]:
     spp, tp, num_warps, br = tc.launch_config(t, 256, interpreted=False)
-    src = ASTSource(tc._cluster_kernel, sig, constexprs={"LINKAGE": linkage, "S": spp, "TP": tp, "BR": br})
+    src = ASTSource(tc._cluster_kernel, sig, constexprs={"LINKAGE": linkage, "S": spp, "TP": tp, "BR": br,
+                                                         "MASKED": masked})
     kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                             options={"num_warps": num_warps, "num_stages": 1, "enable_fp_fusion": False})
     ptx = kernel.asm["ptx"]
@@ -213,6 +232,6 @@ def test_compiles_for_a_gpu_without_fused_multiply_add(tmp_path):
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [line.split() for line in done.stdout.splitlines()]
-    assert [(r[0], r[1]) for r in rows] == [("196", "0"), ("196", "1"), ("196", "2"), ("4096", "2")]
+    assert [(r[0], r[1]) for r in rows] == [("196", "0"), ("196", "1"), ("196", "2"), ("4096", "2"), ("196", "2")]
     assert all(r[2] == "False" for r in rows), rows  # no fma.rn.f64 anywhere
     assert all(r[3] == "True" for r in rows if r[1] == "2"), rows  # the average linkage divides exactly
