@@ -62,6 +62,16 @@ Padding (``valid``)
 Under ``torch.compile`` the call is the custom operator ``torch.ops.atc.agglomerative_clustering``, so compiled
 models trace through it (``fullgraph=True`` works).
 
+Threads (CPU)
+    The numba backend's loop is parallel over the batch. Its threads belong to another OpenMP runtime than torch's
+    (numba's pool uses the system ``libgomp``, torch wheels ship their own), and an OpenMP worker spin-waits after
+    each parallel region: while torch's threads already occupy every core, a second runtime's workers take cores
+    from them, and on busy cores that slows training severalfold. So the clustering uses **one thread** unless
+    told otherwise: :func:`set_num_threads` (or the environment variable ``ATC_CLUSTER_THREADS``) is the one
+    setting, e.g. ``set_num_threads(os.cpu_count())`` for large batches on idle cores when nothing else runs. It is
+    capped at numba's own thread count. (Clustering is a small part of a ViT forward: at B=64, T=196 it costs a
+    few milliseconds per call against seconds for the forward on CPU.)
+
 Adding a linkage is one entry in :data:`LINKAGES`: a :class:`Linkage` with its Lance-Williams update runs on the
 torch backend (any device) and reaches every patcher and CLI; giving it a ``scipy_method`` (or
 ``sklearn_linkage``, ``cuml_linkage``) that those libraries know adds their backends too. The backends that
@@ -102,11 +112,47 @@ __all__ = [
     "check_nonfinite",
     "real_clusters_first",
     "PADDING_DISTANCE",
+    "set_num_threads",
+    "get_num_threads",
 ]
 
 
 class BackendUnavailableError(ValueError):
     """The requested clustering backend is not installed or cannot run on this device."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Threads
+# --------------------------------------------------------------------------------------------------------------
+_THREADS_ENV = "ATC_CLUSTER_THREADS"
+_num_threads: int | None = None  # None: the environment variable, else 1
+
+
+def _valid_threads(value: object, where: str) -> int:
+    try:
+        n = int(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        n = 0
+    if isinstance(value, bool) or n < 1 or (not isinstance(value, str) and n != value):
+        raise ValueError(f"{where} must be a positive integer number of clustering threads, got {value!r}")
+    return n
+
+
+def set_num_threads(n: int | None) -> None:
+    """Use ``n`` threads for CPU clustering (the numba backend), or ``None`` to return to the default: the
+    environment variable ``ATC_CLUSTER_THREADS``, else 1 (see "Threads" in the module docstring for why one)."""
+    global _num_threads
+    if n is not None and not isinstance(n, numbers.Integral):
+        raise ValueError(f"set_num_threads(n) must be a positive integer number of clustering threads, got {n!r}")
+    _num_threads = None if n is None else _valid_threads(n, "set_num_threads(n)")
+
+
+def get_num_threads() -> int:
+    """Threads the CPU clustering uses (before the cap at numba's own thread count)."""
+    if _num_threads is not None:
+        return _num_threads
+    env = os.environ.get(_THREADS_ENV)
+    return 1 if env in (None, "") else _valid_threads(env, _THREADS_ENV)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -505,6 +551,17 @@ def _cluster_sklearn(metric: Tensor, k: int, linkage: Linkage) -> Tensor:
 
 
 def _cluster_numba(metric: Tensor, k: int, linkage: Linkage, valid: Tensor | None = None) -> Tensor:
+    import numba
+
+    previous = numba.get_num_threads()
+    numba.set_num_threads(min(get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    try:
+        return _cluster_numba_chunks(metric, k, linkage, valid)
+    finally:
+        numba.set_num_threads(previous)
+
+
+def _cluster_numba_chunks(metric: Tensor, k: int, linkage: Linkage, valid: Tensor | None) -> Tensor:
     from atc._numba_cluster import cluster_gram_blocks
 
     metric = metric.cpu()

@@ -388,3 +388,31 @@ def test_padding_traces_as_the_custom_op():
     fn = torch.compile(lambda m, v: agglomerative_clustering(m, 9, "complete", valid=v), backend="aot_eager",
                        fullgraph=True)
     assert torch.equal(fn(metric, valid), agglomerative_clustering(metric, 9, "complete", valid=valid))
+
+
+def test_clustering_threads_setting(monkeypatch):
+    """One setting for the CPU clustering threads: default 1 (no second OpenMP runtime's workers next to torch's),
+    ATC_CLUSTER_THREADS or set_num_threads to change it; the labels never depend on it."""
+    numba = pytest.importorskip("numba")
+    monkeypatch.delenv("ATC_CLUSTER_THREADS", raising=False)
+    assert cluster.get_num_threads() == 1
+    seen = []
+    real = numba.set_num_threads
+    monkeypatch.setattr(numba, "set_num_threads", lambda n: (seen.append(n), real(n)))
+    metric = torch.randn(6, 40, 8)
+    one = agglomerative_clustering(metric, 11, "average", "numba")
+    assert seen[0] == 1 and numba.get_num_threads() == seen[-1]  # restored afterwards
+    monkeypatch.setenv("ATC_CLUSTER_THREADS", "2")
+    assert cluster.get_num_threads() == 2
+    try:
+        cluster.set_num_threads(2)
+        assert torch.equal(agglomerative_clustering(metric, 11, "average", "numba"), one)
+        assert seen[-2] == min(2, numba.config.NUMBA_NUM_THREADS)
+    finally:
+        cluster.set_num_threads(None)
+    for bad in (0, -1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="positive integer"):
+            cluster.set_num_threads(bad)
+    monkeypatch.setenv("ATC_CLUSTER_THREADS", "many")
+    with pytest.raises(ValueError, match="ATC_CLUSTER_THREADS"):
+        cluster.get_num_threads()
