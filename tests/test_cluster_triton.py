@@ -50,8 +50,10 @@ def triton_labels(metric: torch.Tensor, k: int, linkage: str) -> torch.Tensor:
     return agglomerative_clustering(metric.to(DEVICE), k, linkage, "triton").cpu()
 
 
-# (T, K): tiny inputs, K near both ends, the ViT sizes (196 tokens; 197 with a class token) and ~300.
-CASES = [(3, 2), (5, 3), (9, 1), (16, 15), (33, 7), (64, 32), (100, 2), (197, 98), (200, 150), (300, 150)]
+# (T, K): tiny inputs, K near both ends, the ViT sizes (196 tokens; 197 with a class token) and ~300 (vectors of
+# 512). The interpreter's cost is per merge step, so the long cases merge only as much as their point needs: down
+# to K = 2 at T = 40, and T = 300 (the next vector width) with 50 merges.
+CASES = [(3, 2), (5, 3), (9, 1), (16, 15), (33, 7), (64, 32), (40, 2), (197, 98), (200, 150), (300, 250)]
 
 
 @pytest.mark.parametrize("linkage", LINKAGES)
@@ -73,7 +75,7 @@ def test_identical_to_numba_and_same_partitions_as_sklearn(linkage):
 def test_many_seeded_small_problems(linkage):
     """Many small problems with random T and K, several per launch (rare merge-order and tie bugs)."""
     gen = torch.Generator().manual_seed(7 + LINKAGES.index(linkage))
-    for trial in range(24):
+    for trial in range(16):
         t = int(torch.randint(3, 48, (1,), generator=gen))
         k = int(torch.randint(2, t, (1,), generator=gen))
         kind = ["gauss", "duplicated", "rounded", "zeros"][trial % 4]
@@ -115,7 +117,7 @@ def test_one_sample_per_program_as_on_a_gpu():
 
     gen = torch.Generator().manual_seed(5)
     for linkage_id, linkage in enumerate(LINKAGES):
-        for t, k, kind in [(40, 13, "duplicated"), (130, 65, "gauss")]:
+        for t, k, kind in [(40, 13, "duplicated"), (70, 40, "gauss")]:  # vectors of 64 and 128
             metric = make_metric(gen, 2, t, 8, kind)
             flag = torch.zeros(1, dtype=torch.int32)
             got = cluster_gram(cluster._gram_square(metric, True), k, linkage_id, flag, samples_per_program=1)
