@@ -188,3 +188,20 @@ def test_vit_attention_mask_is_padding():
         torch.testing.assert_close(model(pixel_values=garbage, attention_mask=mask).pooler_output, out,
                                    rtol=1e-5, atol=1e-5)
     assert model._atc_info["valid"].sum(1).tolist() == [11, 5]
+
+
+def test_attention_mask_without_padding_after_a_merge():
+    """A 4-D mask that masks nothing reaches layers after a merge (proportional attention off: they run their own
+    forward) and is dropped there, not applied at the wrong size."""
+    small = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64, image_size=32,
+                 patch_size=8)
+    torch.manual_seed(0)
+    model = randomize(transformers.ViTModel(transformers.ViTConfig(**small)))
+    atc.patch.transformers(model, method="tome", proportional_attn=False)
+    model.r = [2, 0, 0]
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        plain = model(pixel_values=images).pooler_output
+        full = torch.ones(2, 1, 17, 17, dtype=torch.bool)
+        torch.testing.assert_close(model(pixel_values=images, attention_mask=full).pooler_output, plain)
+    assert model._atc_info["tokens"] == [15, 15, 15] and model._atc_info["valid"] is None

@@ -211,6 +211,10 @@ def _layer_step(self: nn.Module, hidden_states: Tensor, attention_mask: Tensor |
     (:attr:`BlockStep.plain`)."""
     state: MergeState = self._atc_state
     if step.plain:
+        if attention_mask is not None and attention_mask.shape[-1] != hidden_states.shape[1]:
+            # made for the tokens before a merge; checked at the first layer to mask nothing (a padded batch's
+            # layers after a merge are never plain)
+            attention_mask = None
         return self._atc_base.forward(self, hidden_states, attention_mask, **kwargs)
     _check_call(self, kwargs)
     layout: _Layout = self._atc_layout
