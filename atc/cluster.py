@@ -553,12 +553,19 @@ def _cluster_sklearn(metric: Tensor, k: int, linkage: Linkage) -> Tensor:
 def _cluster_numba(metric: Tensor, k: int, linkage: Linkage, valid: Tensor | None = None) -> Tensor:
     import numba
 
-    previous = numba.get_num_threads()
-    numba.set_num_threads(min(get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    torch_threads = torch.get_num_threads()
+    want, previous = min(get_num_threads(), numba.config.NUMBA_NUM_THREADS), numba.get_num_threads()
+    if want != previous:
+        numba.set_num_threads(want)
     try:
         return _cluster_numba_chunks(metric, k, linkage, valid)
     finally:
-        numba.set_num_threads(previous)
+        if want != previous:
+            numba.set_num_threads(previous)
+        # numba's OpenMP layer sets the process's OpenMP thread count (when it starts, and with its thread
+        # setting), which torch reads as its own: put torch's back
+        if torch.get_num_threads() != torch_threads:
+            torch.set_num_threads(torch_threads)
 
 
 def _cluster_numba_chunks(metric: Tensor, k: int, linkage: Linkage, valid: Tensor | None) -> Tensor:
