@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-EMBED, DEPTH, PATCH, SIZE = 32, 3, 4, 32  # width 32: half the time of 64, still learns (40-52% base)
+EMBED, DEPTH, PATCH, SIZE = 64, 3, 4, 32
 TINY = ["--epochs", "8", "--lr", "3e-3", "--warmup-epochs", "1", "--finetune-epochs", "1", "--finetune-warmup-epochs",
         "0", "--keep_rates", "0.25", "--methods", "none",
         "tome", "atc_average", "--embed-dim", str(EMBED), "--depth", str(DEPTH), "--num-heads", "2", "--reduction_loc",
