@@ -112,8 +112,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="smoke run in about a minute: seed 0, a tiny denoiser trained briefly, 2 images per class, "
                         "4 sampling steps, ratio 0.5 (overrides those flags; numbers are meaningless)")
     p.add_argument("--threads", type=int, default=0,
-                   help="torch and numba (ATC clustering) threads; 0 = their defaults (fastest on idle cores). Use 1 "
-                        "on a machine whose cores are busy with other work")
+                   help="torch threads and ATC clustering threads (atc.cluster.set_num_threads); 0 = the defaults "
+                        "(torch: every core, clustering: 1). Use 1 on a machine whose cores are busy with other work")
     g = p.add_argument_group("denoiser")
     g.add_argument("--model", default="unet", choices=list(dd.DENOISERS),
                    help="unet: diffusers UNet2DConditionModel, class as a one-token cross-attention context; dit: "

@@ -29,7 +29,7 @@ from atc.cluster import LINKAGES
 from atc.data import DATASETS, MULTILABEL_DATASETS
 from atc.data import build_loaders as data_build_loaders
 from atc.engine import FitConfig, amp_dtype_for, count_parameters, evaluate, fit
-from atc.models import build_classifier, is_reduction_model, validate_reduction
+from atc.models import build_classifier, is_reduction_model, reduction_settings, validate_reduction
 from atc.tracking import add_wandb_arguments, require_wandb
 
 
@@ -351,6 +351,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
     train_loader, val_loader, info = build_loaders(args, train=not args.eval)
     model = make_model(args, info.num_classes)
+    for key, value in reduction_settings(model).items():  # record what the model uses, not "not given"
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     if args.finetune:
         # DeiT's --finetune: plain bicubic pos-embed resampling, a head of another class count dropped
         load_checkpoint(model, args.finetune, strict=False, drop_mismatched_head=True, antialias=False,

@@ -6,6 +6,9 @@ both return identical labels, even on exact ties.
 
 Per sample the cost is O(T^2) to build distances and initial nearest neighbours, then O(T) per merge plus half
 a row for each stale row that reaches the front of the queue.
+
+Padding (``valid``): each row is masked as it is turned into distances (+inf between a real and a padding token,
+``PADDING_DISTANCE`` between two padding tokens, as ``atc.cluster._mask_distances``); the merge loop is the same.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 SINGLE, COMPLETE, AVERAGE = 0, 1, 2
+#: Distance between two padding tokens (``atc.cluster.PADDING_DISTANCE``): above every real distance.
+PADDING_DISTANCE = 3.0
 
 
 @njit(cache=True, inline="always", error_model="numpy")
@@ -63,6 +68,20 @@ def _to_distances(row: np.ndarray) -> float:
     return best
 
 
+@njit(cache=True, nogil=True, error_model="numpy")
+def _mask_row(row: np.ndarray, valid: np.ndarray, i: int) -> float:
+    """Mask row ``i``'s distances to tokens ``j = i + 1, ...`` in place (padding mask ``valid``, uint8) and return
+    the row's new minimum."""
+    best = np.inf
+    vi = valid[i] != 0
+    for p in range(row.shape[0]):
+        vj = valid[i + 1 + p] != 0
+        if not (vi and vj):
+            row[p] = np.inf if (vi or vj) else PADDING_DISTANCE
+        best = _fmin(best, row[p])
+    return best
+
+
 @njit(cache=True, nogil=True, inline="always", error_model="numpy")
 def _first_index(row: np.ndarray, value: float) -> tuple[int, float]:
     """First index holding ``value``, the row's minimum (``(0, inf)`` when that is +inf: nothing to merge)."""
@@ -91,7 +110,8 @@ def _tail_argmin(d: np.ndarray, row: int, start: int, stop: int) -> tuple[int, f
 
 
 @njit(cache=True, nogil=True, inline="always", error_model="numpy")
-def _cluster_one(d: np.ndarray, ro: np.ndarray, num_clusters: int, linkage: int, labels: np.ndarray) -> None:
+def _cluster_one(d: np.ndarray, ro: np.ndarray, num_clusters: int, linkage: int, labels: np.ndarray,
+                 valid: np.ndarray) -> None:
     """Cluster one sample in place. The distance of pair ``i < j`` is ``d[ro[i] + j]`` (flat storage with a
     per-row offset, so the packed Gram blocks are used where they are); entries below the diagonal are
     never read. The entries hold cosine similarities on entry; each row is turned into distances just before its
@@ -102,14 +122,18 @@ def _cluster_one(d: np.ndarray, ro: np.ndarray, num_clusters: int, linkage: int,
     marked stale instead of being rescanned at once: reducible linkages (single, complete, average) never bring
     a merged cluster closer than the nearer of its parts, so the old ``nnd`` stays a lower bound, and the row
     is rescanned only if it reaches the front. The merges are exactly the global-minimum merges with the
-    lexicographic tie rule (see atc.cluster).
+    lexicographic tie rule (see atc.cluster). ``valid``: the sample's padding mask (uint8, empty: none).
     """
     t = labels.shape[0]
     nn = np.empty(t, dtype=np.int64)
     nnd = np.empty(t, dtype=np.float64)
+    masked = valid.shape[0] != 0
     for i in range(t):
         row = d[ro[i] + i + 1:ro[i] + t]
-        arg, nnd[i] = _first_index(row, _to_distances(row))
+        best = _to_distances(row)
+        if masked:
+            best = _mask_row(row, valid, i)
+        arg, nnd[i] = _first_index(row, best)
         nn[i] = i + 1 + arg
     stale = np.zeros(t, dtype=np.bool_)
     size = np.ones(t, dtype=np.float64)
@@ -195,24 +219,27 @@ def _row_offsets(bounds: np.ndarray, b: int, bsz: int, t: int) -> np.ndarray:
 # One compiled loop per linkage: the linkage is a compile-time constant there (the kernel is inlined), so the
 # Lance-Williams update has no per-element branch and the contiguous row update vectorises (~7% faster).
 @njit(cache=True, parallel=True, error_model="numpy")
-def _blocks_single(flat: np.ndarray, bounds: np.ndarray, num_clusters: int, labels: np.ndarray) -> None:
+def _blocks_single(flat: np.ndarray, bounds: np.ndarray, num_clusters: int, labels: np.ndarray,
+                  valid: np.ndarray) -> None:
     bsz, t = labels.shape
     for b in prange(bsz):
-        _cluster_one(flat, _row_offsets(bounds, b, bsz, t), num_clusters, SINGLE, labels[b])
+        _cluster_one(flat, _row_offsets(bounds, b, bsz, t), num_clusters, SINGLE, labels[b], valid[b])
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
-def _blocks_complete(flat: np.ndarray, bounds: np.ndarray, num_clusters: int, labels: np.ndarray) -> None:
+def _blocks_complete(flat: np.ndarray, bounds: np.ndarray, num_clusters: int, labels: np.ndarray,
+                    valid: np.ndarray) -> None:
     bsz, t = labels.shape
     for b in prange(bsz):
-        _cluster_one(flat, _row_offsets(bounds, b, bsz, t), num_clusters, COMPLETE, labels[b])
+        _cluster_one(flat, _row_offsets(bounds, b, bsz, t), num_clusters, COMPLETE, labels[b], valid[b])
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
-def _blocks_average(flat: np.ndarray, bounds: np.ndarray, num_clusters: int, labels: np.ndarray) -> None:
+def _blocks_average(flat: np.ndarray, bounds: np.ndarray, num_clusters: int, labels: np.ndarray,
+                   valid: np.ndarray) -> None:
     bsz, t = labels.shape
     for b in prange(bsz):
-        _cluster_one(flat, _row_offsets(bounds, b, bsz, t), num_clusters, AVERAGE, labels[b])
+        _cluster_one(flat, _row_offsets(bounds, b, bsz, t), num_clusters, AVERAGE, labels[b], valid[b])
 
 
 _BLOCKS = (_blocks_single, _blocks_complete, _blocks_average)  # indexed by SINGLE, COMPLETE, AVERAGE
@@ -221,13 +248,16 @@ LINKAGE_IDS = (SINGLE, COMPLETE, AVERAGE)
 
 
 def cluster_gram_blocks(flat: np.ndarray, bounds: np.ndarray, num_clusters: int, linkage: int,
-                        labels: np.ndarray) -> None:
+                        labels: np.ndarray, valid: np.ndarray | None = None) -> None:
     """Cluster every sample in place on its packed blocks (see ``atc.cluster._gram_blocks``): block ``r``
     covers rows ``bounds[r, 0] <= i < bounds[r, 1]`` against tokens ``k >= bounds[r, 0]``, stored as
     (B, rows, T - start). They hold cosine similarities, turned into the distances ``clamp(1 - g, 0, 2)`` of
     ``atc.cluster._fill_distances`` here, bit for bit. Only pairs above the diagonal are read. Writes ``labels``
-    (B, T); parallel over the batch. ``linkage`` is one of :data:`LINKAGE_IDS`."""
+    (B, T); parallel over the batch. ``linkage`` is one of :data:`LINKAGE_IDS`. ``valid``: ``(B, T)`` uint8 padding
+    mask, or ``None``."""
     if linkage not in LINKAGE_IDS:  # a bad index (-1) must not run another linkage's loop
         raise ValueError(f"the numba backend has no compiled linkage with id {linkage!r}: it has {LINKAGE_IDS} "
                          f"(SINGLE, COMPLETE, AVERAGE)")
-    _BLOCKS[linkage](flat, bounds, num_clusters, labels)
+    if valid is None:
+        valid = np.empty((labels.shape[0], 0), dtype=np.uint8)
+    _BLOCKS[linkage](flat, bounds, num_clusters, labels, valid)

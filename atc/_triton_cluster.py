@@ -20,6 +20,10 @@ contracted into an FMA (which would round differently from numba and scipy); flo
 round-to-nearest on every GPU Triton targets. Non-finite inputs are detected on the device: the sample's labels
 become ``min(t, K - 1)`` (a valid partition, never a hang) and ``flag[0]`` is set for the host to report
 (see ``atc.cluster`` for when that happens).
+
+Padding: with ``MASKED`` (a compile-time constant, so the unmasked kernel is unchanged) pass 1 writes +inf between
+a real and a padding token and ``PADDING_DISTANCE`` between two padding tokens, as ``atc.cluster._mask_distances``;
+the merge loop is the same.
 """
 
 from __future__ import annotations
@@ -31,6 +35,9 @@ import triton
 import triton.language as tl
 
 SINGLE, COMPLETE, AVERAGE = 0, 1, 2
+#: Distance between two padding tokens (``atc.cluster.PADDING_DISTANCE``): above every real distance.
+PADDING_DISTANCE = 3.0
+_PADDING_DISTANCE = tl.constexpr(PADDING_DISTANCE)  # what the kernel reads (Triton reads constexpr globals only)
 #: The linkage ids the kernel has a ``LINKAGE`` branch for (``atc.cluster.Linkage.triton_id``).
 LINKAGE_IDS = (SINGLE, COMPLETE, AVERAGE)
 
@@ -40,8 +47,9 @@ MAX_TOKENS = 16384
 
 
 @triton.jit
-def _cluster_kernel(gram_ptr, dist_ptr, nnd_ptr, labels_ptr, flag_ptr, B, T, num_clusters,
-                    LINKAGE: tl.constexpr, S: tl.constexpr, TP: tl.constexpr, BR: tl.constexpr):
+def _cluster_kernel(gram_ptr, dist_ptr, nnd_ptr, labels_ptr, flag_ptr, valid_ptr, B, T, num_clusters,
+                    LINKAGE: tl.constexpr, S: tl.constexpr, TP: tl.constexpr, BR: tl.constexpr,
+                    MASKED: tl.constexpr):
     # S samples per program (1 on a GPU; more under the interpreter, whose cost is per operation, not per
     # element), each a row of the (S, TP) per-cluster state.
     samples = tl.program_id(0) * S + tl.arange(0, S)
@@ -66,6 +74,10 @@ def _cluster_kernel(gram_ptr, dist_ptr, nnd_ptr, labels_ptr, flag_ptr, B, T, num
         nan = sim != sim
         n_bad += tl.sum(tl.sum(nan.to(tl.int32), axis=2), axis=1)
         dist = tl.minimum(tl.maximum(1.0 - sim, 0.0), 2.0)
+        if MASKED:  # valid_ptr: (B, T) uint8 padding mask
+            vr = tl.load(valid_ptr + row_base[:, :, None] + r3, mask=inside, other=0) != 0
+            vc = tl.load(valid_ptr + row_base[:, :, None] + c3, mask=inside, other=0) != 0
+            dist = tl.where(vr & vc, dist, tl.where(vr | vc, inf, _PADDING_DISTANCE))
         dist = tl.where(nan | (r3 == c3), inf, dist)
         tl.store(dist_ptr + base3 + r3 * T + c3, dist, mask=inside)
         upper = tl.where(inside & (c3 > r3), dist, inf)
@@ -177,11 +189,12 @@ def launch_config(t: int, bsz: int, interpreted: bool) -> tuple[int, int, int, i
 
 
 def cluster_gram(gram: torch.Tensor, num_clusters: int, linkage: int, flag: torch.Tensor,
-                 samples_per_program: int | None = None) -> torch.Tensor:
+                 samples_per_program: int | None = None, valid: torch.Tensor | None = None) -> torch.Tensor:
     """Cluster every sample of ``gram`` ``(B, T, T)`` float64 (cosine similarities; only the upper triangle,
     diagonal included, is read) into ``num_clusters`` clusters. Returns ``LongTensor (B, T)`` labels numbered
     by smallest token; sets ``flag[0] = 1`` (int32) if a sample held NaN. Never synchronises with the host.
-    ``samples_per_program`` overrides the launch configuration's (a power of two; for tests)."""
+    ``samples_per_program`` overrides the launch configuration's (a power of two; for tests). ``valid``: optional
+    ``(B, T)`` bool padding mask (see the module docstring)."""
     bsz, t, _ = gram.shape
     assert t <= MAX_TOKENS, "checked by atc.cluster"
     if linkage not in LINKAGE_IDS:  # the kernel's last branch would otherwise run average linkage
@@ -192,7 +205,8 @@ def cluster_gram(gram: torch.Tensor, num_clusters: int, linkage: int, flag: torc
     labels = torch.empty(bsz, t, dtype=torch.long, device=gram.device)
     spp, tp, num_warps, br = launch_config(t, bsz, os.environ.get("TRITON_INTERPRET") == "1")
     spp = samples_per_program or spp
+    mask = labels if valid is None else valid.to(torch.uint8).contiguous()  # never read when unmasked
     _cluster_kernel[(triton.cdiv(bsz, spp),)](
-        gram, dist, nnd, labels, flag, bsz, t, num_clusters, LINKAGE=linkage, S=spp, TP=tp, BR=br,
-        num_warps=num_warps, num_stages=1, enable_fp_fusion=False)
+        gram, dist, nnd, labels, flag, mask, bsz, t, num_clusters, LINKAGE=linkage, S=spp, TP=tp, BR=br,
+        MASKED=valid is not None, num_warps=num_warps, num_stages=1, enable_fp_fusion=False)
     return labels

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from atc import distributed as D
-from atc.cli import ConfigError
+from atc.errors import CheckpointError, ConfigError
 from atc.utils import atomic_save
 
 __all__ = ["CheckpointError", "read_checkpoint", "state_dict_from_checkpoint", "load_checkpoint",
@@ -53,10 +53,6 @@ NEW_PARAMETERS = ("cluster_layers.", "atc_token_score")
 
 #: Classifier-head prefixes (timm ``head``/``head_dist``, torchvision ``heads``).
 HEAD_PREFIXES = ("head.", "head_dist.", "heads.")
-
-
-class CheckpointError(ConfigError):
-    """A checkpoint that cannot be loaded into the model (missing file, other architecture)."""
 
 
 def read_checkpoint(path: str | os.PathLike[str], what: str = "checkpoint") -> Any:

@@ -18,11 +18,9 @@ import json
 import sys
 from typing import Any, Callable, Sequence
 
+from atc.errors import CLI_ERRORS, ConfigError
+
 __all__ = ["ConfigError", "run_cli", "parse_model_kwargs"]
-
-
-class ConfigError(ValueError):
-    """A bad command-line option or config value; raised before any heavy work with a message naming the fix."""
 
 
 def parse_model_kwargs(items: Sequence[str] | None) -> dict[str, Any]:
@@ -42,13 +40,10 @@ def parse_model_kwargs(items: Sequence[str] | None) -> dict[str, Any]:
 def run_cli(main: Callable[[Any], Any], parser: Any, argv: list[str] | None = None) -> int:
     """Parse ``argv`` with ``parser``, run ``main(args)``; a :class:`ConfigError`, a dataset error or a checkpoint
     error becomes one ``error: ...`` line on stderr and exit code 2 instead of a traceback."""
-    from atc.checkpoint import CheckpointError
-    from atc.data import DatasetError
-
     args = parser.parse_args(argv)
     try:
         main(args)
-    except (ConfigError, DatasetError, CheckpointError) as exc:
+    except CLI_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

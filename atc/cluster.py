@@ -42,8 +42,35 @@ NaN and inf
     the next call on that device, or at once by :func:`check_nonfinite` (which synchronises). Calls with
     ``K = T`` or ``K = 1`` need no clustering; on CUDA with the triton backend their metric is not inspected.
 
+Padding (``valid``)
+    With ``valid (B, T)`` bool (True for real tokens), padded variable-length batches are clustered as if each sample
+    were alone: padding never merges with a real token, and every sample still returns ``num_clusters = K``
+    labels, so the batch stays rectangular. The rule (the same ``r = T - K`` for every sample): sample ``b`` with
+    ``n_b`` real tokens clusters them into ``k_b = max(1, n_b - r)`` clusters (``0`` when it has none), i.e. it
+    removes ``r`` of its real tokens, or all but one when it has no more than ``r`` -- what clustering that sample
+    alone with ``r`` tokens to remove gives, which is what a ViT removing ``r`` tokens per block does to a sample
+    run on its own. Real clusters get labels ``0..k_b-1`` (by smallest token, as above), padding the labels after
+    them, one singleton per padding token in token order; when a sample gives up fewer than ``r`` real tokens
+    (``n_b <= r``), its first padding tokens share one label so that the sample still has ``K`` labels (padding
+    merges only with padding). ``K = 1`` leaves no label for padding and is refused when a sample has padding.
+    The content of padding tokens is never read (NaN there is fine). The compiled backends and ``torch`` run the
+    whole padded batch in one go (distances from padding to real tokens are +inf, between padding tokens above
+    any real distance, so real merges come first and padding merges only with padding); ``scipy``, ``sklearn``,
+    ``fastcluster`` and ``cuml`` cluster each sample's real tokens on their own, the reference. Without
+    ``valid`` nothing of this runs.
+
 Under ``torch.compile`` the call is the custom operator ``torch.ops.atc.agglomerative_clustering``, so compiled
 models trace through it (``fullgraph=True`` works).
+
+Threads (CPU)
+    The numba backend's loop is parallel over the batch. Its threads belong to another OpenMP runtime than torch's
+    (numba's pool uses the system ``libgomp``, torch wheels ship their own), and an OpenMP worker spin-waits after
+    each parallel region: while torch's threads already occupy every core, a second runtime's workers take cores
+    from them, and on busy cores that slows training severalfold. So the clustering uses **one thread** unless
+    told otherwise: :func:`set_num_threads` (or the environment variable ``ATC_CLUSTER_THREADS``) is the one
+    setting, e.g. ``set_num_threads(os.cpu_count())`` for large batches on idle cores when nothing else runs. It is
+    capped at numba's own thread count. (Clustering is a small part of a ViT forward: at B=64, T=196 it costs a
+    few milliseconds per call against seconds for the forward on CPU.)
 
 Adding a linkage is one entry in :data:`LINKAGES`: a :class:`Linkage` with its Lance-Williams update runs on the
 torch backend (any device) and reaches every patcher and CLI; giving it a ``scipy_method`` (or
@@ -64,7 +91,7 @@ import numbers
 import os
 import threading
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -83,11 +110,49 @@ __all__ = [
     "resolve_backend",
     "check_backend_linkage",
     "check_nonfinite",
+    "real_clusters_first",
+    "PADDING_DISTANCE",
+    "set_num_threads",
+    "get_num_threads",
 ]
 
 
 class BackendUnavailableError(ValueError):
     """The requested clustering backend is not installed or cannot run on this device."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Threads
+# --------------------------------------------------------------------------------------------------------------
+_THREADS_ENV = "ATC_CLUSTER_THREADS"
+_num_threads: int | None = None  # None: the environment variable, else 1
+
+
+def _valid_threads(value: object, where: str) -> int:
+    try:
+        n = int(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        n = 0
+    if isinstance(value, bool) or n < 1 or (not isinstance(value, str) and n != value):
+        raise ValueError(f"{where} must be a positive integer number of clustering threads, got {value!r}")
+    return n
+
+
+def set_num_threads(n: int | None) -> None:
+    """Use ``n`` threads for CPU clustering (the numba backend), or ``None`` to return to the default: the
+    environment variable ``ATC_CLUSTER_THREADS``, else 1 (see "Threads" in the module docstring for why one)."""
+    global _num_threads
+    if n is not None and not isinstance(n, numbers.Integral):
+        raise ValueError(f"set_num_threads(n) must be a positive integer number of clustering threads, got {n!r}")
+    _num_threads = None if n is None else _valid_threads(n, "set_num_threads(n)")
+
+
+def get_num_threads() -> int:
+    """Threads the CPU clustering uses (before the cap at numba's own thread count)."""
+    if _num_threads is not None:
+        return _num_threads
+    env = os.environ.get(_THREADS_ENV)
+    return 1 if env in (None, "") else _valid_threads(env, _THREADS_ENV)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -346,18 +411,22 @@ def _labels_from_parent(parent: Tensor) -> Tensor:
 # CPU backends work on chunks of samples whose Gram blocks fit in a reused workspace of about this size.
 _CHUNK_BYTES = 8 << 20
 
-def _cluster_torch(metric: Tensor, k: int, linkage: Linkage, dense_repair: bool | None = None) -> Tensor:
+def _cluster_torch(metric: Tensor, k: int, linkage: Linkage, dense_repair: bool | None = None,
+                   valid: Tensor | None = None) -> Tensor:
     """Batched nearest-neighbour-list Lance-Williams clustering in torch (one step merges in every sample).
 
     Same merge rule and arithmetic as the numba backend. ``dense_repair`` recomputes the nearest neighbours
     of all rows at every step instead of gathering the rows that need it; that avoids a device sync per step
-    and is the default on CUDA.
+    and is the default on CUDA. ``valid (B, T)``: padding mask (see the module docstring), applied to the
+    distances by :func:`_mask_distances`.
     """
     device = metric.device
     bsz, t, _ = metric.shape
     if dense_repair is None:
         dense_repair = device.type != "cpu"
     d = _fill_distances(metric, _workspace("distances", (bsz, t, t), device), inf_diagonal=True)
+    if valid is not None:
+        _mask_distances(d, valid)
     rows2d = d.view(bsz * t, t)
     batch = torch.arange(bsz, device=device)
     row_base = batch * t
@@ -404,6 +473,23 @@ def _cluster_torch(metric: Tensor, k: int, linkage: Linkage, dense_repair: bool 
         nnd.scatter_(1, a, nnd_a)
         nn.scatter_(1, a, nn_a)
     return _labels_from_parent(parent)
+
+
+#: Distance between two padding tokens: above every real distance (at most 2), so a sample's real tokens merge
+#: first and padding merges only with padding (real-to-padding distances are +inf). Every linkage maps two equal
+#: distances to the same value exactly, so merged padding stays at this distance.
+PADDING_DISTANCE = 3.0
+
+
+def _mask_distances(d: Tensor, valid: Tensor) -> Tensor:
+    """Apply the padding mask ``valid (B, T)`` to distances ``d (B, T, T)`` in place: +inf between a real and a
+    padding token, :data:`PADDING_DISTANCE` between two padding tokens; the diagonal is left as it is."""
+    diag = d.diagonal(dim1=1, dim2=2).clone()
+    real_pair = valid[:, :, None] & valid[:, None, :]
+    pad_pair = ~(valid[:, :, None] | valid[:, None, :])
+    d.masked_fill_(~real_pair, float("inf")).masked_fill_(pad_pair, PADDING_DISTANCE)
+    d.diagonal(dim1=1, dim2=2).copy_(diag)
+    return d
 
 
 def _per_sample_distances(metric: Tensor) -> np.ndarray:
@@ -464,18 +550,38 @@ def _cluster_sklearn(metric: Tensor, k: int, linkage: Linkage) -> Tensor:
     return canonical_labels(torch.from_numpy(out))
 
 
-def _cluster_numba(metric: Tensor, k: int, linkage: Linkage) -> Tensor:
+def _cluster_numba(metric: Tensor, k: int, linkage: Linkage, valid: Tensor | None = None) -> Tensor:
+    import numba
+
+    torch_threads = torch.get_num_threads()
+    want, previous = min(get_num_threads(), numba.config.NUMBA_NUM_THREADS), numba.get_num_threads()
+    if want != previous:
+        numba.set_num_threads(want)
+    try:
+        return _cluster_numba_chunks(metric, k, linkage, valid)
+    finally:
+        if want != previous:
+            numba.set_num_threads(previous)
+        # numba's OpenMP layer sets the process's OpenMP thread count (when it starts, and with its thread
+        # setting), which torch reads as its own: put torch's back
+        if torch.get_num_threads() != torch_threads:
+            torch.set_num_threads(torch_threads)
+
+
+def _cluster_numba_chunks(metric: Tensor, k: int, linkage: Linkage, valid: Tensor | None) -> Tensor:
     from atc._numba_cluster import cluster_gram_blocks
 
     metric = metric.cpu()
     bsz, t, _ = metric.shape
     labels = np.empty((bsz, t), dtype=np.int64)
+    # (B, 0): no mask; the kernel masks each row as it turns it into distances (see _mask_distances)
+    mask = np.empty((bsz, 0), dtype=np.uint8) if valid is None else valid.cpu().to(torch.uint8).numpy()
     chunk = _chunk_size(bsz, t, metric.device)
     for start in range(0, bsz, chunk):
         flat, bounds = _gram_blocks(metric[start:start + chunk])
         # The kernel turns the similarities into the distances of _fill_distances itself, sample by sample.
         cluster_gram_blocks(flat.numpy(), np.asarray(bounds, dtype=np.int64), k, linkage.numba_id,
-                            labels[start:start + chunk])
+                            labels[start:start + chunk], mask[start:start + chunk])
     return torch.from_numpy(labels)
 
 
@@ -555,7 +661,7 @@ def _defers_checks(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
-def _cluster_triton(metric: Tensor, k: int, linkage: Linkage) -> Tensor:
+def _cluster_triton(metric: Tensor, k: int, linkage: Linkage, valid: Tensor | None = None) -> Tensor:
     from atc._triton_cluster import MAX_TOKENS, cluster_gram
 
     if metric.shape[1] > MAX_TOKENS:
@@ -566,7 +672,7 @@ def _cluster_triton(metric: Tensor, k: int, linkage: Linkage) -> Tensor:
     flags = _nonfinite_flags(metric.device)
     if deferred:
         flags.raise_if_set(int(flags.host[0]))  # host memory: no synchronisation
-    labels = cluster_gram(_gram_square(metric, check=not deferred), k, linkage.triton_id, flags.flag)
+    labels = cluster_gram(_gram_square(metric, check=not deferred), k, linkage.triton_id, flags.flag, valid=valid)
     flags.after_launch()
     return labels
 
@@ -593,12 +699,16 @@ class _Backend:
     needs_cuda: bool = False
     # Usable without CUDA when this environment variable is "1" (Triton's interpreter runs kernels on CPU).
     cpu_env: str | None = None
+    # Takes the padding mask itself (``run(metric, k, linkage, valid=...)``) and clusters the padded batch in one
+    # go; the others are run on each sample's real tokens.
+    masks: bool = False
 
 
 BACKENDS: dict[str, _Backend] = {
-    "torch": _Backend(_cluster_torch, (), "update"),
-    "triton": _Backend(_cluster_triton, ("triton",), "triton_id", needs_cuda=True, cpu_env="TRITON_INTERPRET"),
-    "numba": _Backend(_cluster_numba, ("numba",), "numba_id"),
+    "torch": _Backend(_cluster_torch, (), "update", masks=True),
+    "triton": _Backend(_cluster_triton, ("triton",), "triton_id", needs_cuda=True, cpu_env="TRITON_INTERPRET",
+                       masks=True),
+    "numba": _Backend(_cluster_numba, ("numba",), "numba_id", masks=True),
     "scipy": _Backend(_cluster_scipy, ("scipy",), "scipy_method"),
     "sklearn": _Backend(_cluster_sklearn, ("sklearn",), "sklearn_linkage"),
     "fastcluster": _Backend(_cluster_fastcluster, ("fastcluster",), "scipy_method"),
@@ -693,7 +803,8 @@ _BACKEND_NEEDS = {
 
 
 def agglomerative_clustering(
-    metric: Tensor, num_clusters: int, linkage: str = "average", backend: str = "auto"
+    metric: Tensor, num_clusters: int, linkage: str = "average", backend: str = "auto",
+    valid: Tensor | None = None,
 ) -> Tensor:
     """Cluster the tokens of every sample into ``num_clusters`` clusters.
 
@@ -704,24 +815,32 @@ def agglomerative_clustering(
         backend: ``"auto"`` (the fastest installed backend for ``metric``'s device that implements ``linkage``)
             or one of :func:`available_backends`; a backend that does not implement ``linkage`` raises
             ``ValueError`` naming those that do.
+        valid: optional ``(B, T)`` bool, True for real tokens and False for padding. Each sample's real tokens
+            are then clustered as that sample alone with ``r = T - K`` tokens to remove (into ``max(1, n_b - r)``
+            clusters) and padding never merges with them; every sample still has ``K`` labels: real clusters
+            first, then padding (see the module docstring for the rule). ``None``: no padding.
 
     Returns:
-        ``LongTensor (B, T)`` on ``metric.device``; labels in ``[0, K)`` numbered by smallest token index.
+        ``LongTensor (B, T)`` on ``metric.device``; labels in ``[0, K)`` numbered by smallest token index (with
+        ``valid``: real clusters by smallest token, then padding).
 
     Under ``torch.compile`` this is the custom operator ``torch.ops.atc.agglomerative_clustering`` (its fake
     implementation gives the ``(B, T)`` shape), so compiled models trace through it without a graph break.
     """
     if torch.compiler.is_compiling():
-        return torch.ops.atc.agglomerative_clustering(metric, num_clusters, linkage, backend)
-    return _agglomerative_clustering(metric, num_clusters, linkage, backend)
+        return torch.ops.atc.agglomerative_clustering(metric, num_clusters, linkage, backend, valid)
+    return _agglomerative_clustering(metric, num_clusters, linkage, backend, valid)
 
 
-def _agglomerative_clustering(metric: Tensor, num_clusters: int, linkage: str, backend: str) -> Tensor:
+def _agglomerative_clustering(metric: Tensor, num_clusters: int, linkage: str, backend: str,
+                              valid: Tensor | None = None) -> Tensor:
     link = validate_linkage(linkage)
     metric = _check_metric(metric)
     bsz, t, _ = metric.shape
     k = _check_num_clusters(num_clusters, t)
     name = resolve_backend(backend, metric.device, link)
+    if valid is not None:
+        return _masked_clustering(metric, k, link, name, _check_valid(valid, bsz, t, metric.device))
     if bsz == 0:
         return torch.empty(0, t, dtype=torch.long, device=metric.device)
     # K = T and K = 1 need no distances. Their metric is still checked, except where that would wait for the
@@ -737,11 +856,75 @@ def _agglomerative_clustering(metric: Tensor, num_clusters: int, linkage: str, b
     return labels.to(metric.device)
 
 
+def _check_valid(valid: object, bsz: int, t: int, device: torch.device) -> Tensor:
+    if not isinstance(valid, Tensor) or valid.dtype != torch.bool:
+        what = f"dtype {valid.dtype}" if isinstance(valid, Tensor) else type(valid).__name__
+        raise TypeError(f"valid must be a bool tensor (B, T), True for real tokens and False for padding; got {what}"
+                        f" (convert an attention mask with mask.bool())")
+    if tuple(valid.shape) != (bsz, t):
+        raise ValueError(f"valid must have the metric's (B, T) = {(bsz, t)} shape, got {tuple(valid.shape)}")
+    return valid.to(device)
+
+
+def real_clusters_first(labels: Tensor, valid: Tensor, k: int) -> Tensor:
+    """Renumber labels ``(B, T)`` in ``[0, k)`` whose clusters are all-real or all-padding (``valid (B, T)``):
+    real clusters first, then padding ones, each group keeping its order. Static shapes, no host
+    synchronisation."""
+    holds_real = torch.zeros(labels.shape[0], k, dtype=torch.long, device=labels.device)
+    holds_real.scatter_reduce_(1, labels, valid.long(), reduce="amax")
+    pad = 1 - holds_real
+    rank = torch.where(holds_real.bool(), holds_real.cumsum(1) - holds_real,
+                       holds_real.sum(1, keepdim=True) + pad.cumsum(1) - pad)
+    return rank.gather(1, labels)
+
+
+def _padding_labels(num_padding: int, removed: int, kept_real: int, num_real: int) -> Tensor:
+    """Labels of one sample's padding tokens in token order: singletons after the real clusters, the first ones
+    sharing a label when the real tokens gave up fewer than ``removed`` (the rule of the module docstring)."""
+    surplus = removed - (num_real - kept_real)
+    return kept_real + (torch.arange(num_padding) - surplus).clamp_min(0)
+
+
+def _masked_clustering(metric: Tensor, k: int, link: Linkage, name: str, valid: Tensor) -> Tensor:
+    bsz, t, _ = metric.shape
+    if bsz == 0:
+        return torch.empty(0, t, dtype=torch.long, device=metric.device)
+    if k == 1 and not bool(valid.all()):  # the only case that reads the mask on the host
+        raise ValueError("num_clusters=1 leaves no cluster for padding tokens (valid has False entries), and padding "
+                         "never merges with real tokens: use num_clusters >= 2")
+    # Padding is never read: whatever it holds (NaN included) cannot reach a real token's distances.
+    metric = metric.masked_fill(~valid.unsqueeze(-1), 0.0)
+    if k in (1, t) and not (name == "triton" and _defers_checks(metric.device)):
+        _check_finite(metric)
+    if k == 1:
+        return torch.zeros(bsz, t, dtype=torch.long, device=metric.device)
+    if k == t:  # nothing merges: real tokens first, then padding, each in token order
+        return real_clusters_first(torch.arange(t, device=metric.device).repeat(bsz, 1), valid, t)
+    spec = BACKENDS[name]
+    with torch.no_grad():
+        if spec.masks:
+            return real_clusters_first(spec.run(metric, k, link, valid=valid).to(metric.device), valid, k)
+        # The reference libraries: each sample's real tokens on their own, padding labelled after them.
+        removed = t - k
+        out = torch.empty(bsz, t, dtype=torch.long)
+        for b, row in enumerate(valid.cpu()):
+            real, padding = row.nonzero().squeeze(1), (~row).nonzero().squeeze(1)
+            n = len(real)
+            kept = max(1, n - removed) if n else 0
+            if n:
+                out[b, real] = _agglomerative_clustering(metric[b:b + 1, real.to(metric.device)], kept, link.name,
+                                                         name).cpu()[0]
+            out[b, padding] = _padding_labels(len(padding), removed, kept, n)
+    return out.to(metric.device)
+
+
 @torch.library.custom_op("atc::agglomerative_clustering", mutates_args=())
-def _clustering_op(metric: Tensor, num_clusters: int, linkage: str, backend: str) -> Tensor:
-    return _agglomerative_clustering(metric, num_clusters, linkage, backend)
+def _clustering_op(metric: Tensor, num_clusters: int, linkage: str, backend: str,
+                   valid: Optional[Tensor] = None) -> Tensor:
+    return _agglomerative_clustering(metric, num_clusters, linkage, backend, valid)
 
 
 @_clustering_op.register_fake
-def _clustering_op_fake(metric: Tensor, num_clusters: int, linkage: str, backend: str) -> Tensor:
+def _clustering_op_fake(metric: Tensor, num_clusters: int, linkage: str, backend: str,
+                        valid: Optional[Tensor] = None) -> Tensor:
     return metric.new_empty(metric.shape[:2], dtype=torch.long)

@@ -23,6 +23,19 @@ Token counts are Python ints given by ``r`` (``Merge.num_out``), never read from
 never waits for the device (except ToMe with explicit destination masks, whose index sets are read from the
 mask): merging traces under ``torch.compile`` without graph breaks, and ATC's clustering is the custom operator
 ``atc::agglomerative_clustering`` there (see :mod:`atc.cluster`).
+
+Padded batches: every method takes ``valid (B, T)`` bool (True for real tokens; protected tokens always count as
+real). A padding token never merges with a real one, K-Medoids and DPC-KNN never pick one as a centre, and ToMe
+never matches one. The rule, the same for every method: the batch removes ``r`` tokens, so it stays rectangular
+(``T - r`` outputs), and each sample removes from its real tokens what that method removes from the sample alone
+asked for ``r`` (``min(r, what it can remove from its real tokens)``: ``n_b - 1`` of its ``n_b`` unprotected real
+tokens for ATC, K-Medoids and DPC-KNN, half of them for ToMe), so a sample's real tokens are merged as if it were
+run on its own. The rest of the ``r`` comes from its padding, which merges only with padding (the first padding
+tokens share one slot). The output slots keep the method's layout for the real tokens, then the padding slots;
+``Merge.valid (B, num_out)`` says which slots are real, for the next block. Since a padded sample keeps at least
+one padding slot, a padded batch can remove one token fewer at the extreme (:func:`max_removable` with
+``masked=True``). Real and padding tokens of the same sample never share a slot, so a padding slot's merged value
+is never NaN either (its weights may be 0: its value is then 0). Without ``valid`` nothing of this runs.
 """
 
 from __future__ import annotations
@@ -34,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from atc.cluster import agglomerative_clustering
+from atc.cluster import agglomerative_clustering, real_clusters_first
 
 __all__ = [
     "Merge",
@@ -72,6 +85,8 @@ class Merge:
         eps: added to each slot's total weight in :meth:`merge` (DPC-KNN's ``1e-6``).
         passthrough: the first ``passthrough`` tokens, which are their own slots, are copied unchanged by
             :meth:`merge` (DPC-KNN's protected tokens, as published), not divided by their weights.
+        valid: ``(B, num_out)`` bool for a padded batch: which output slots hold real tokens (the others hold only
+            padding); ``None`` without padding.
 
     ``num_out`` is a Python int fixed by the method's ``r``, never read from a tensor, so merging has static
     shapes and needs no host synchronisation (``torch.compile`` traces it without graph breaks).
@@ -83,6 +98,13 @@ class Merge:
     weight_by_size: bool = True
     eps: float = 0.0
     passthrough: int = 0
+    valid: Tensor | None = None
+
+    def _divide(self, num: Tensor, den: Tensor) -> Tensor:
+        """``num / den`` per slot; a padding slot's total weight may be 0 (padding has size 0): it divides by 1."""
+        if self.valid is not None:
+            den = den.masked_fill(~self.valid.unsqueeze(-1), 1.0)
+        return num / den
 
     def _scatter_sum(self, x: Tensor) -> Tensor:
         """``(B, T, C) -> (B, num_out, C)``: sum of each slot's tokens."""
@@ -107,7 +129,7 @@ class Merge:
             weight = weight.to(x.dtype)
             # numerator and denominator in one scatter: [x * w, w] summed per slot
             sums = self._scatter_sum(torch.cat([x * weight, weight], dim=-1))
-        out = sums[..., :c] / (sums[..., c:] + self.eps if self.eps else sums[..., c:])
+        out = self._divide(sums[..., :c], sums[..., c:] + self.eps if self.eps else sums[..., c:])
         if self.passthrough:
             out = torch.cat([x[:, : self.passthrough], out[:, self.passthrough:]], dim=1)
         return out
@@ -140,16 +162,16 @@ class Merge:
             size = x.new_ones(x.shape[0], x.shape[1], 1)
             if weight is None and self.select is None and not self.eps:  # unit sizes: plain means and member counts
                 sums = self._scatter_sum(torch.cat([x, size], dim=-1))
-                return sums[..., :c] / sums[..., c:], sums[..., c:]
+                return self._divide(sums[..., :c], sums[..., c:]), sums[..., c:]
         if self.select is not None or size.dtype != x.dtype or self.eps:
             w = size if weight is None else size * weight
             return self.merge(x, w), self.merge_size(size)
         if weight is None:
             sums = self._scatter_sum(torch.cat([x * size, size], dim=-1))
-            return sums[..., :c] / sums[..., c:], sums[..., c:]
+            return self._divide(sums[..., :c], sums[..., c:]), sums[..., c:]
         w = (size * weight).to(x.dtype)
         sums = self._scatter_sum(torch.cat([x * w, w, size], dim=-1))
-        return sums[..., :c] / sums[..., c:c + 1], sums[..., c + 1:]
+        return self._divide(sums[..., :c], sums[..., c:c + 1]), sums[..., c + 1:]
 
     def merge_wavg(self, x: Tensor, size: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Size-weighted merge: returns ``(x_merged (B, num_out, C), size_merged (B, num_out, 1))``."""
@@ -167,7 +189,7 @@ class Merge:
         """The composition ``other ∘ self`` as one merge from this merge's inputs to ``other``'s outputs."""
         if self.select is not None or other.select is not None:
             raise ValueError("selection merges (K-Medoids) cannot be composed")
-        return Merge(other.labels.gather(1, self.labels), other.num_out)
+        return Merge(other.labels.gather(1, self.labels), other.num_out, valid=other.valid)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -215,6 +237,44 @@ def _relabel_by_first_token(labels: Tensor, num_labels: int) -> Tensor:
     return rank.gather(1, labels)
 
 
+def _check_valid(valid: Tensor | None, metric: Tensor, protected_tokens: int) -> Tensor | None:
+    """``valid (B, T)`` bool on ``metric``'s device with the protected tokens counted as real, or ``None``."""
+    if valid is None:
+        return None
+    if not isinstance(valid, Tensor) or valid.dtype != torch.bool or tuple(valid.shape) != tuple(metric.shape[:2]):
+        what = f"{valid.dtype} tensor of shape {tuple(valid.shape)}" if isinstance(valid, Tensor) else type(valid)
+        raise ValueError(f"valid must be a bool tensor of the metric's (B, T) = {tuple(metric.shape[:2])} shape, "
+                         f"True for real tokens; got {what}")
+    valid = valid.to(metric.device)
+    if protected_tokens:
+        valid = valid.clone()
+        valid[:, :protected_tokens] = True
+    return valid
+
+
+def _slot_valid(labels: Tensor, valid: Tensor, num_out: int) -> Tensor:
+    """``(B, num_out)``: whether each output slot holds a real token (slots never mix real and padding)."""
+    holds = torch.zeros(labels.shape[0], num_out, dtype=torch.long, device=labels.device)
+    return holds.scatter_reduce_(1, labels, valid.long(), reduce="amax").bool()
+
+
+def _padding_slots(pad: Tensor, first_slot: Tensor, surplus: Tensor) -> Tensor:
+    """Slots of padding tokens ``pad (B, n)`` (bool) after a sample's ``first_slot (B,)`` real slots: one each in
+    token order, the first ``surplus (B,) + 1`` sharing the first (the part of ``r`` the real tokens could not give).
+    Values at real tokens are meaningless."""
+    rank = pad.long().cumsum(1) - 1
+    return first_slot.unsqueeze(1) + (rank - surplus.unsqueeze(1)).clamp_min(0)
+
+
+def _active_own_cluster(assign: Tensor, centres: Tensor, active: Tensor) -> Tensor:
+    """:func:`_own_cluster` for the ``active (B, K)`` centres only (the others write into a dropped column)."""
+    bsz, n = assign.shape
+    k = centres.shape[1]
+    target = torch.where(active, centres, n)
+    out = torch.cat([assign, assign.new_zeros(bsz, 1)], dim=1)
+    return out.scatter(1, target, torch.arange(k, device=assign.device).expand(bsz, k))[:, :n]
+
+
 def _check_r(r: int, num_tokens: int, protected_tokens: int, limit: int, method: str) -> int:
     if isinstance(r, bool) or not isinstance(r, int):
         raise TypeError(f"r (tokens to remove) must be an int, got {type(r).__name__} {r!r}")
@@ -228,8 +288,10 @@ def _check_r(r: int, num_tokens: int, protected_tokens: int, limit: int, method:
     return r
 
 
-def identity_merge(batch_size: int, num_tokens: int, device: torch.device | str | None = None) -> Merge:
-    return Merge(init_token_map(batch_size, num_tokens, device), num_tokens)
+def identity_merge(batch_size: int, num_tokens: int, device: torch.device | str | None = None,
+                   valid: Tensor | None = None) -> Merge:
+    """The merge that keeps every token in its place (``valid``: the padding mask, carried as it is)."""
+    return Merge(init_token_map(batch_size, num_tokens, device), num_tokens, valid=valid)
 
 
 def _normalize(metric: Tensor) -> Tensor:
@@ -240,15 +302,24 @@ def _normalize(metric: Tensor) -> Tensor:
 # Methods: (metric (B, T, C), r, protected_tokens, **options) -> Merge
 # --------------------------------------------------------------------------------------------------------------
 def atc_merge(
-    metric: Tensor, r: int, protected_tokens: int = 1, *, linkage: str = "average", backend: str = "auto", **_: object
+    metric: Tensor, r: int, protected_tokens: int = 1, *, linkage: str = "average", backend: str = "auto",
+    valid: Tensor | None = None, **_: object
 ) -> Merge:
-    """ATC: agglomerative clustering of the unprotected tokens into ``T - p - r`` clusters (cosine distance)."""
+    """ATC: agglomerative clustering of the unprotected tokens into ``T - p - r`` clusters (cosine distance).
+
+    ``valid (B, T)``: padding mask (module docstring); the clustering's own padding rule
+    (:func:`atc.cluster.agglomerative_clustering`) is this module's: real clusters first, then padding."""
     bsz, t, _c = metric.shape
-    r = _check_r(r, t, protected_tokens, max(t - protected_tokens - 1, 0), "ATC")
+    p = protected_tokens
+    valid = _check_valid(valid, metric, p)
+    r = _check_r(r, t, p, max_removable("atc", t, p, masked=valid is not None), "ATC")
     if r == 0:
-        return identity_merge(bsz, t, metric.device)
-    labels = agglomerative_clustering(metric[:, protected_tokens:], t - protected_tokens - r, linkage, backend)
-    return Merge(_with_prefix(labels, protected_tokens), t - r)
+        return identity_merge(bsz, t, metric.device, valid)
+    if valid is None:
+        labels = agglomerative_clustering(metric[:, p:], t - p - r, linkage, backend)
+        return Merge(_with_prefix(labels, p), t - r)
+    labels = _with_prefix(agglomerative_clustering(metric[:, p:], t - p - r, linkage, backend, valid=valid[:, p:]), p)
+    return Merge(labels, t - r, valid=_slot_valid(labels, valid, t - r))
 
 
 def grid_tiles(h: int, w: int, tile_h: int, tile_w: int) -> list[list[int]]:
@@ -344,6 +415,7 @@ def bipartite_soft_matching(
     dst_index: Sequence[int] | None = None,
     layout: str = "published",
     sort_unmerged: bool | None = None,
+    valid: Tensor | None = None,
     **_: object,
 ) -> Merge:
     """ToMe's bipartite soft matching (Bolya et al. 2023).
@@ -363,6 +435,11 @@ def bipartite_soft_matching(
     cell; its output is unmerged inside the same block, so it always uses the spatial layout). ``dst_index``
     gives the same destinations as Python ints: the index sets are then known without reading a tensor back
     from the device, so this path traces under ``torch.compile`` without a graph break.
+
+    ``valid (B, T)``: padding mask (module docstring). The split stays by position in the padded sequence (with
+    padding at the end, as NaFlexViT and ``transformers`` pad, a sample's real tokens split as when it is alone);
+    a source matches real destinations only, each sample merges its best ``min(r, real sources, real
+    destinations)`` real sources, and its padding slots come after its layout of real tokens.
     """
     _check_layout(layout)
     bsz, t, _c = metric.shape
@@ -370,6 +447,12 @@ def bipartite_soft_matching(
     pos = torch.arange(t, device=metric.device)
     if dst_mask is not None and dst_index is not None:
         raise ValueError("give the destinations either as dst_mask or as dst_index, not both")
+    valid = _check_valid(valid, metric, p)
+    if valid is not None:
+        if dst_mask is not None or dst_index is not None:
+            raise ValueError("bipartite soft matching takes destinations (dst_mask / dst_index, ToMe-SD) or a padding "
+                             "mask (valid), not both")
+        return _tome_padded(metric, r, p, valid, layout, p > 0 if sort_unmerged is None else sort_unmerged)
     if dst_mask is not None or dst_index is not None:
         # explicit destinations (ToMe-SD): every source token may merge
         labels = pos.repeat(bsz, 1)
@@ -424,6 +507,55 @@ def bipartite_soft_matching(
     return Merge(labels, t - r)
 
 
+def _tome_padded(metric: Tensor, r: int, p: int, valid: Tensor, layout: str, sort_unmerged: bool) -> Merge:
+    """Bipartite soft matching of a padded batch (see :func:`bipartite_soft_matching`); static shapes: each
+    sample's own count of merges is a mask over the ranked sources, not a slice."""
+    bsz, t, _c = metric.shape
+    dev = metric.device
+    pos = torch.arange(t, device=dev)
+    src_start, dst_start = p + p % 2, p + 1 - p % 2
+    num_src = len(range(src_start, t, 2))
+    r = _check_r(r, t, p, max_removable("tome", t, p, masked=True), "bipartite soft matching")
+    if r == 0:
+        return identity_merge(bsz, t, dev, valid)
+    real_src, real_dst = valid[:, src_start::2], valid[:, dst_start::2]
+    m = _normalize(metric.masked_fill(~valid.unsqueeze(-1), 0.0))
+    scores = (m[:, src_start::2] @ m[:, dst_start::2].transpose(1, 2)).masked_fill(~real_dst.unsqueeze(1), -torch.inf)
+    node_max, node_idx = scores.max(dim=-1)
+    # padding sources rank last; real ones rank by their best real match, as in the sample alone
+    order = node_max.masked_fill(~real_src, -torch.inf).argsort(dim=-1, descending=True, stable=True)
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(num_src, device=dev).expand(bsz, num_src))
+    n_src, n_dst = real_src.sum(1), real_dst.sum(1)
+    merges = torch.minimum(torch.minimum(n_src, n_dst), torch.full_like(n_src, r))  # what the sample alone does
+    merged = rank < merges.unsqueeze(1)  # the top sources are real: real scores beat -inf
+    pad = ~valid
+    surplus = r - merges
+    if layout == "spatial":
+        labels = pos.repeat(bsz, 1)
+        dst_pos = pos[dst_start::2][node_idx]
+        labels[:, src_start::2] = torch.where(merged, dst_pos, labels[:, src_start::2])
+        first_pad = torch.where(pad, pos, t).amin(dim=1, keepdim=True).clamp_max(t - 1)
+        folded = pad & (pad.long().cumsum(1) - 1 <= surplus.unsqueeze(1))
+        labels = _relabel_by_first_token(torch.where(folded, first_pad, labels), t)
+        labels = real_clusters_first(labels, valid, t - r)
+        return Merge(labels, t - r, valid=_slot_valid(labels, valid, t - r))
+    unmerged = real_src & ~merged
+    if sort_unmerged:
+        unm_pos = unmerged.long().cumsum(1) - 1
+    else:  # by rank: the position of each unmerged source among the unmerged ones in ranked order
+        in_order = unmerged.gather(1, order).long()
+        unm_pos = torch.empty_like(order).scatter_(1, order, in_order.cumsum(1) - 1)
+    num_unm = unmerged.sum(1, keepdim=True)
+    dst_slots = p + num_unm + real_dst.long().cumsum(1) - 1
+    pad_slots = _padding_slots(pad, p + num_unm.squeeze(1) + n_dst, surplus)
+    src_slots = torch.where(merged, dst_slots.gather(1, node_idx), p + unm_pos)
+    labels = torch.empty(bsz, t, dtype=torch.long, device=dev)
+    labels[:, :p] = pos[:p]
+    labels[:, src_start::2] = torch.where(real_src, src_slots, pad_slots[:, src_start::2])
+    labels[:, dst_start::2] = torch.where(real_dst, dst_slots, pad_slots[:, dst_start::2])
+    return Merge(labels, t - r, valid=_slot_valid(labels, valid, t - r))
+
+
 def _best_matches(scores: Tensor) -> tuple[Tensor, Tensor]:
     """From source-destination similarities ``(B, S, D)``: ``(order, node_idx)``, both ``(B, S)``.
 
@@ -448,6 +580,7 @@ def kmedoids(
     weights: Tensor | None = None,
     iters: int = 3,
     layout: str = "published",
+    valid: Tensor | None = None,
     **_: object,
 ) -> Merge:
     """K-Medoids on the unprotected tokens, as the published K-Medoids models: ``K = T - p - r`` medoids, output
@@ -464,10 +597,16 @@ def kmedoids(
     ``layout="published"``: slot ``p + k`` holds medoid ``k`` (the order of the initial top-K); ``"spatial"``:
     slots numbered by their smallest token. Labels assign every token to its nearest medoid (each medoid in its
     own slot); the merged value of a slot is its medoid token (``Merge.select``).
+
+    ``valid (B, T)``: padding mask (module docstring): each sample runs the above on its real tokens with its own
+    number of medoids; padding is never a medoid (a padding slot's value is one of its padding tokens).
     """
     _check_layout(layout)
     bsz, t, _c = metric.shape
     p = protected_tokens
+    valid = _check_valid(valid, metric, p)
+    if valid is not None:
+        return _kmedoids_padded(metric, r, p, valid, weights, iters, layout)
     r = _check_r(r, t, p, max(t - p - 1, 0), "K-Medoids")
     if r == 0:
         return identity_merge(bsz, t, metric.device)
@@ -506,8 +645,112 @@ def kmedoids(
     return Merge(_with_prefix(labels, p), t - r, torch.cat([prefix, select + p], 1))
 
 
+def _padded_counts(valid: Tensor, r: int) -> tuple[Tensor, Tensor, Tensor]:
+    """For the unprotected part of a padded batch ``valid (B, n)``: each sample's real tokens ``n_b``, the clusters
+    it keeps ``k_b = n_b - min(r, n_b - 1)`` (as alone; 0 without real tokens), and the ``surplus`` of ``r`` its
+    padding gives up."""
+    n_real = valid.sum(1)
+    kept = n_real - torch.minimum(torch.full_like(n_real, r), (n_real - 1).clamp_min(0))
+    return n_real, kept, r - (n_real - kept)
+
+
+def _finish_padded(assign: Tensor, centres: Tensor, kept: Tensor, surplus: Tensor, v: Tensor, p: int, t: int,
+                   r: int, layout: str) -> tuple[Tensor, Tensor]:
+    """Labels ``(B, T)`` (prefix included) and the centre token of every slot ``(B, T - r)`` of a padded
+    K-Medoids/DPC-KNN run: ``assign (B, n)`` the real tokens' centre slots, ``centres (B, K)`` token indices of
+    which the first ``kept (B,)`` are real; padding slots follow, holding the first token of each."""
+    bsz, n = assign.shape
+    k = n - r
+    slots = torch.arange(k, device=assign.device).expand(bsz, k)
+    active = slots < kept.unsqueeze(1)
+    labels = torch.where(v, _active_own_cluster(assign, centres, active), _padding_slots(~v, kept, surplus))
+    if layout == "spatial":
+        labels = real_clusters_first(_relabel_by_first_token(labels, k), v, k)
+    # each slot's representative token: its centre, or for a padding slot its first token
+    first = torch.full((bsz, k + 1), n, dtype=torch.long, device=assign.device)
+    first.scatter_reduce_(1, labels, torch.arange(n, device=assign.device).expand(bsz, n), reduce="amin")
+    centre_slot = torch.where(active, labels.gather(1, centres), k)  # inactive centres go to a dropped column
+    select = first.scatter(1, centre_slot, centres)[:, :k]
+    prefix = torch.arange(p, device=assign.device).expand(bsz, p)
+    return _with_prefix(labels, p), torch.cat([prefix, select + p], dim=1)
+
+
+def _kmedoids_padded(metric: Tensor, r: int, p: int, valid: Tensor, weights: Tensor | None, iters: int,
+                     layout: str) -> Merge:
+    """:func:`kmedoids` on a padded batch: the published steps per sample on its real tokens, vectorised with
+    each sample's own number of medoids (the slots past it are inactive)."""
+    bsz, t, _c = metric.shape
+    r = _check_r(r, t, p, max_removable("kmedoids", t, p, masked=True), "K-Medoids")
+    if r == 0:
+        return identity_merge(bsz, t, metric.device, valid)
+    v = valid[:, p:]
+    x = metric[:, p:].float().masked_fill(~v.unsqueeze(-1), 0.0)
+    n = x.shape[1]
+    k = n - r
+    n_real, kept, surplus = _padded_counts(v, r)
+    active = torch.arange(k, device=x.device).expand(bsz, k) < kept.unsqueeze(1)
+    dist = torch.cdist(x, x)
+    if weights is None:
+        w = x.new_ones(bsz, n)
+        medoids = v.long().argmax(dim=1, keepdim=True)  # the first real token
+        chosen = torch.zeros(bsz, n, dtype=torch.bool, device=x.device)
+        for _ in range(1, k):
+            chosen = chosen.scatter(1, medoids[:, -1:], True)
+            far = dist.gather(2, medoids.unsqueeze(1).expand(-1, n, -1)).masked_fill(chosen.unsqueeze(-1), 0.0)
+            far = far.amax(dim=-1).masked_fill(~v, -1.0)  # padding is never a medoid
+            medoids = torch.cat([medoids, far.argmax(dim=-1, keepdim=True)], dim=1)
+    else:
+        w = weights[:, p:].float()
+        medoids = w.masked_fill(~v, -torch.inf).topk(k, dim=1).indices
+    # the published cost over the sample's real tokens; an empty cluster takes the first real token
+    cost = (dist * w.unsqueeze(-1)).masked_fill(~v.unsqueeze(1), 0.0).sum(dim=-1)
+    outside = (1e6 * n_real).to(cost.dtype)[:, None, None]
+    fallback = torch.where(v.unsqueeze(1), outside, torch.inf)
+    clusters = torch.arange(k, device=x.device)[None, :, None]
+    inactive = ~active.unsqueeze(1)
+    for _ in range(iters):
+        assign = dist.gather(2, medoids.unsqueeze(1).expand(-1, n, -1)).masked_fill(inactive, torch.inf).argmin(-1)
+        member = (assign.unsqueeze(1) == clusters) & v.unsqueeze(1)
+        medoids = torch.where(member, cost.unsqueeze(1), fallback).argmin(dim=-1)
+    assign = dist.gather(2, medoids.unsqueeze(1).expand(-1, n, -1)).masked_fill(inactive, torch.inf).argmin(-1)
+    labels, select = _finish_padded(assign, medoids, kept, surplus, v, p, t, r, layout)
+    return Merge(labels, t - r, select, valid=_slot_valid(labels, valid, t - r))
+
+
+def _dpc_knn_padded(metric: Tensor, r: int, p: int, valid: Tensor, k: int, layout: str) -> Merge:
+    """:func:`dpc_knn` on a padded batch: each sample's real tokens as alone, vectorised with its own number of
+    centres."""
+    bsz, t, c = metric.shape
+    r = _check_r(r, t, p, max_removable("dpcknn", t, p, masked=True), "DPC-KNN")
+    if r == 0:
+        return identity_merge(bsz, t, metric.device, valid)
+    v = valid[:, p:]
+    x = metric[:, p:].float().masked_fill(~v.unsqueeze(-1), 0.0)
+    n = x.shape[1]
+    num_clusters = n - r
+    n_real, kept, surplus = _padded_counts(v, r)
+    real_pair = v.unsqueeze(2) & v.unsqueeze(1)
+    dist = torch.cdist(x, x) / (c**0.5)
+    knn = dist.masked_fill(~real_pair, torch.inf).topk(min(k, n), dim=-1, largest=False).values
+    k_real = torch.clamp(n_real, max=k).clamp_min(1)  # the sample alone has min(k, n_b) neighbours
+    near = torch.arange(knn.shape[-1], device=x.device) < k_real[:, None, None]
+    density = (-torch.where(near, knn**2, 0.0).sum(dim=-1) / k_real[:, None]).exp()
+    rank = v.long().cumsum(1) - 1
+    step = (1e-6 / n_real.clamp_min(1).double()).to(density.dtype)[:, None]
+    density = density + (n_real[:, None] - 1 - rank).to(density.dtype) * step
+    density = density.masked_fill(~v, -1.0)  # below every real density: padding is never denser
+    denser = density.unsqueeze(1) > density.unsqueeze(2)
+    dist_max = dist.masked_fill(~real_pair, 0.0).flatten(1).max(dim=1).values[:, None, None]
+    delta = torch.where(denser, dist, dist_max).min(dim=-1).values
+    centres = (delta * density).masked_fill(~v, -torch.inf).topk(num_clusters, dim=-1).indices
+    active = torch.arange(num_clusters, device=x.device).expand(bsz, num_clusters) < kept.unsqueeze(1)
+    to_centre = dist.gather(1, centres.unsqueeze(-1).expand(-1, -1, n)).masked_fill(~active.unsqueeze(-1), torch.inf)
+    labels, _ = _finish_padded(to_centre.argmin(dim=1), centres, kept, surplus, v, p, t, r, layout)
+    return Merge(labels, t - r, weight_by_size=False, eps=1e-6, passthrough=p, valid=_slot_valid(labels, valid, t - r))
+
+
 def dpc_knn(metric: Tensor, r: int, protected_tokens: int = 1, *, k: int = 5, layout: str = "published",
-            **_: object) -> Merge:
+            valid: Tensor | None = None, **_: object) -> Merge:
     """DPC-KNN clustering (TCFormer's CTM, as in the published DPC-KNN models) of the unprotected tokens into
     ``T - p - r`` clusters.
 
@@ -520,10 +763,16 @@ def dpc_knn(metric: Tensor, r: int, protected_tokens: int = 1, *, k: int = 5, la
     The returned merge averages with token weights alone (``Merge.weight_by_size`` is false):
     ``sum(w x) / (sum(w) + 1e-6)`` per cluster; protected tokens are kept as they are. ``layout="published"``: slot ``p + k`` is the ``k``-th centre
     in descending score order; ``"spatial"``: slots numbered by their smallest token.
+
+    ``valid (B, T)``: padding mask (module docstring): each sample's real tokens as alone (densities, distances
+    and centres among them only); padding is never a centre.
     """
     _check_layout(layout)
     bsz, t, c = metric.shape
     p = protected_tokens
+    valid = _check_valid(valid, metric, p)
+    if valid is not None:
+        return _dpc_knn_padded(metric, r, p, valid, k, layout)
     r = _check_r(r, t, p, max(t - p - 1, 0), "DPC-KNN")
     if r == 0:
         return identity_merge(bsz, t, metric.device)
@@ -572,14 +821,17 @@ def validate_keep_rate(keep_rate: float, name: str = "keep_rate") -> float:
     return value
 
 
-def max_removable(method: str, num_tokens: int, protected_tokens: int = 1) -> int:
-    """Largest ``r`` that ``method`` can remove from ``num_tokens`` tokens in one step."""
+def max_removable(method: str, num_tokens: int, protected_tokens: int = 1, masked: bool = False) -> int:
+    """Largest ``r`` that ``method`` can remove from ``num_tokens`` tokens in one step.
+
+    ``masked``: for a padded batch (``valid`` given), where a sample with padding keeps at least one padding slot
+    next to at least one real one: one fewer at the extreme (``free - 2``; ToMe ``(free - 1) // 2``)."""
     free = num_tokens - protected_tokens
     if method not in MERGE_METHODS:
         raise ValueError(f"unknown merge method {method!r}: choose one of {sorted(MERGE_METHODS)}")
     if method == "tome":
-        return max(free // 2, 0)
-    return max(free - 1, 0)
+        return max((free - 1 if masked else free) // 2, 0)
+    return max(free - (2 if masked else 1), 0)
 
 
 def merge_by_method(method: str, metric: Tensor, r: int, protected_tokens: int = 1, **options: object) -> Merge:

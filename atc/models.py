@@ -33,7 +33,7 @@ from atc.cluster import LINKAGES
 from atc.merge import validate_keep_rate
 from atc.patch.common import KeepRateSchedule, check_options, patched_class
 
-__all__ = ["build_classifier", "validate_reduction", "is_reduction_model", "load_checkpoint", "MODEL_NAMES",
+__all__ = ["build_classifier", "validate_reduction", "is_reduction_model", "reduction_settings", "load_checkpoint", "MODEL_NAMES",
            "REDUCTION_PREFIXES", "CheckpointError"]
 
 _SIZES = {
@@ -171,6 +171,16 @@ _register()
 # --------------------------------------------------------------------------------------------------------------
 # Building a classifier by name, with the checks and errors the scripts use
 # --------------------------------------------------------------------------------------------------------------
+def reduction_settings(model: nn.Module) -> dict[str, Any]:
+    """The ``linkage`` and ``proportional_attn`` a built model actually uses, for a run's record (``args.json``,
+    W&B): the registered defaults when no flag chose them. ``None`` where they do not apply: no reduction, or the
+    linkage of a method other than ATC."""
+    state = getattr(model, "_atc_state", None)
+    if state is None:
+        return {"linkage": None, "proportional_attn": None}
+    return {"linkage": state.linkage if state.method == "atc" else None, "proportional_attn": state.proportional_attn}
+
+
 def is_reduction_model(name: str) -> bool:
     """Whether ``name`` is a registered token-reduction model (takes ``reduction_loc``/``keep_rate``/...)."""
     return name.startswith(REDUCTION_PREFIXES)

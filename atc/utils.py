@@ -52,16 +52,15 @@ def seed_everything(seed: int) -> None:
 
 
 def set_threads(n: int) -> None:
-    """Use ``n`` threads in torch and in numba, the CPU clustering backend. Both run on the same OpenMP runtime,
-    whose idle workers spin-wait between parallel regions; on cores busy with other work the spinning takes the
-    core the computation needs (measured on a busy 2-core machine: 60-96 s per base epoch of the digits table with
-    torch or numba at 2 threads, 7 s with both at 1), so limiting torch alone is not enough."""
+    """Use ``n`` threads in torch and in the CPU clustering (numba, :func:`atc.cluster.set_num_threads`): the
+    scripts' ``--threads``. Both run on OpenMP, whose idle workers spin-wait between parallel regions; on cores busy
+    with other work the spinning takes the core the computation needs (measured on a busy 2-core machine: 60-96 s
+    per base epoch of the digits table with torch or numba at 2 threads, 7 s with both at 1), so limiting torch
+    alone is not enough."""
+    from atc.cluster import set_num_threads  # here, not at the top: atc.utils sits below the clustering
+
     torch.set_num_threads(n)
-    try:
-        import numba
-    except ImportError:
-        return
-    numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+    set_num_threads(n)
 
 
 def write_csv(rows: Iterable[dict], path: str | os.PathLike) -> Path:

@@ -38,6 +38,10 @@ NOTES = {
     "mae": "averages are size-weighted, so the pooled feature equals the mean over the merged tokens' patches",
     "siglip_map": "the pooling query adds log(size) to its logits: a merged token weighs as the patches it holds",
     "hf_siglip": "the pooling head adds log(size) to its logits: a merged token weighs as the patches it holds",
+    "naflex": "padded batches of mixed sizes too (`patch_valid`): padding never merges with real patches, each sample's "
+              "logits equal those of the sample alone",
+    "hf_siglip2": "padded batches of mixed sizes (`pixel_attention_mask`, tried with one): padding never merges with "
+                  "real patches, each sample's output equals that of the sample alone",
 }
 
 
@@ -89,6 +93,17 @@ def _call(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return model(x)
 
 
+def _siglip2_call(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """SigLIP 2's NaFlex inputs from images ``(B, 3, 32, 32)``: 8-pixel patches, the second image cut to its upper
+    half (2 x 4 patches) and padded, as its processor pads mixed sizes."""
+    b, c, h, w = x.shape
+    patches = x.reshape(b, c, h // 8, 8, w // 8, 8).permute(0, 2, 4, 3, 5, 1).reshape(b, (h // 8) * (w // 8), -1)
+    mask = torch.ones(b, patches.shape[1], dtype=torch.long)
+    mask[1:, patches.shape[1] // 2:] = 0
+    shapes = torch.tensor([[h // 8, w // 8]] + [[h // 16, w // 8]] * (b - 1))
+    return model(pixel_values=patches * mask[..., None], pixel_attention_mask=mask, spatial_shapes=shapes).pooler_output
+
+
 def _hf_call(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     if type(model).__name__.endswith("CLIPModel"):
         return model.get_image_features(pixel_values=x).pooler_output
@@ -130,6 +145,8 @@ FAMILIES = [
            _hf_call),
     Family("hf_siglip", "transformers SigLIP vision tower (attention-pooling head)", "SiglipVisionModel",
            "transformers", _hf("SiglipVisionModel", "SiglipVisionConfig"), 32, _hf_call),
+    Family("hf_siglip2", "transformers SigLIP 2 vision tower (NaFlex, padded batches)", "Siglip2VisionModel",
+           "transformers", _hf("Siglip2VisionModel", "Siglip2VisionConfig", num_patches=16), 32, _siglip2_call),
     Family("hf_dinov2", "transformers DINOv2", "Dinov2Model", "transformers", _hf("Dinov2Model", "Dinov2Config"), 32,
            _hf_call),
     Family("hf_dinov2_reg", "transformers DINOv2 with registers", "Dinov2WithRegistersModel", "transformers",

@@ -27,7 +27,7 @@ bench = _load()
 
 def test_all_frameworks_agree_and_write_outputs(tmp_path):
     rows = bench.main(["--framework", "all", "--input_sizes", "64", "96", "--batch_sizes", "0", "2",
-                       "--runs", "3", "--emb_size", "8", "--linkage", "single", "average",
+                       "--runs", "3", "--repeats", "1", "--emb_size", "8", "--linkage", "single", "average",
                        "--output_dir", str(tmp_path)])
     frame = pd.read_csv(tmp_path / "atc_framework_benchmark.csv")
     assert len(frame) == len(rows) == 2 * 2 * 2 * len(bench.parse_args([]).frameworks)
@@ -157,7 +157,7 @@ def test_triton_framework_under_the_interpreter(tmp_path):
     if not _triton_listed(env):
         pytest.skip("no triton clustering backend here (not in available_backends() under TRITON_INTERPRET=1)")
     proc = subprocess.run([sys.executable, "benchmark_atc_framework.py", "--framework", "triton", "numba",
-                           "--tokens", "16", "40", "--batches", "1", "3", "--runs", "1", "--repeats", "1",
+                           "--tokens", "16", "24", "--batches", "1", "3", "--runs", "1", "--repeats", "1",
                            "--output_dir", str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

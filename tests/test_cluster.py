@@ -281,16 +281,143 @@ def test_result_on_metric_device_and_input_untouched():
 
 def test_backends_agree_across_chunk_boundaries(monkeypatch):
     """CPU backends process chunks of samples; samples in different chunks must see the same values."""
-    monkeypatch.setattr(cluster, "_CHUNK_BYTES", 1 << 20)
+    monkeypatch.setattr(cluster, "_CHUNK_BYTES", 1 << 16)  # small chunks: the boundaries at a small T
     gen = torch.Generator().manual_seed(11)
-    t, b = 300, 7
+    t, b = 100, 7
     assert cluster._chunk_size(b, t, torch.device("cpu")) < b
-    base = torch.randn(b, 60, 8, generator=gen)
-    metric = base[:, torch.randint(0, 60, (t,), generator=gen)]  # exact duplicates everywhere
+    base = torch.randn(b, 20, 8, generator=gen)
+    metric = base[:, torch.randint(0, 20, (t,), generator=gen)]  # exact duplicates everywhere
     for linkage in LINKAGES:
-        ref = agglomerative_clustering(metric, 50, linkage, "torch")
+        ref = agglomerative_clustering(metric, 17, linkage, "torch")
         if "numba" in BACKENDS:
-            assert torch.equal(agglomerative_clustering(metric, 50, linkage, "numba"), ref)
+            assert torch.equal(agglomerative_clustering(metric, 17, linkage, "numba"), ref)
         # The same sample gives the same labels wherever it sits in the batch.
-        single = agglomerative_clustering(metric[-1:], 50, linkage, "torch")
+        single = agglomerative_clustering(metric[-1:], 17, linkage, "torch")
         assert torch.equal(single[0], ref[-1])
+
+
+# ------------------------------------------------------------------------------------------------ padding
+def masked_reference(metric: torch.Tensor, k: int, linkage: str, valid: torch.Tensor) -> np.ndarray:
+    """The documented rule, written out: each sample's real tokens clustered alone by scikit-learn into
+    max(1, n - r) clusters (r = T - K), then its padding tokens after them, one label each in token order, the
+    first ones sharing a label when the sample gave up fewer than r real tokens."""
+    b, t, _ = metric.shape
+    r = t - k
+    out = np.empty((b, t), dtype=np.int64)
+    for i in range(b):
+        real = [j for j in range(t) if valid[i, j]]
+        padding = [j for j in range(t) if not valid[i, j]]
+        kept = max(1, len(real) - r) if real else 0
+        if real:
+            out[i, real] = sklearn_reference(metric[i:i + 1, real], kept, linkage)[0] if kept < len(real) else \
+                range(len(real))
+        surplus = r - (len(real) - kept)
+        for n, j in enumerate(padding):
+            out[i, j] = kept + max(0, n - surplus)
+    return out
+
+
+def padded_batch(gen: torch.Generator, t: int, c: int, lengths: list[int], scattered: bool = False):
+    """A (len(lengths), t, c) metric with each sample's real tokens first (``scattered``: at random positions)
+    and garbage, NaN included, in the padding, which must never be read."""
+    metric = torch.randn(len(lengths), t, c, generator=gen)
+    valid = torch.zeros(len(lengths), t, dtype=torch.bool)
+    for i, n in enumerate(lengths):
+        pos = torch.randperm(t, generator=gen)[:n] if scattered else torch.arange(n)
+        valid[i, pos] = True
+    metric[~valid] = float("nan")
+    return metric, valid
+
+
+@pytest.mark.parametrize("linkage", LINKAGES)
+def test_padding_every_backend_matches_per_sample_reference(linkage):
+    """Mixed lengths (one sample with no padding, one with a single real token), real tokens first or scattered,
+    K from no merge to K = 2: the real tokens' labels are those of clustering each sample alone."""
+    gen = torch.Generator().manual_seed(21 + LINKAGES.index(linkage))
+    for t, c, lengths, scattered in [(9, 4, [9, 1, 5, 3], False), (30, 8, [30, 1, 17, 29, 12], False),
+                                     (30, 8, [30, 1, 2, 21, 9], True), (64, 16, [40, 64, 7], False)]:
+        metric, valid = padded_batch(gen, t, c, lengths, scattered)
+        for k in sorted({2, 3, t // 2, t - 5, t - 1, t}):
+            expected = masked_reference(metric.nan_to_num(), k, linkage, valid)
+            for backend in BACKENDS:
+                got = agglomerative_clustering(metric, k, linkage, backend, valid=valid)
+                np.testing.assert_array_equal(got.numpy(), expected, err_msg=f"{backend} T={t} K={k} {lengths}")
+
+
+@pytest.mark.parametrize("linkage", LINKAGES)
+def test_padding_torch_and_numba_identical_on_exact_ties(linkage):
+    gen = torch.Generator().manual_seed(4)
+    base = torch.randn(4, 10, 6, generator=gen)
+    metric = base[:, torch.randint(0, 10, (36,), generator=gen)]  # exact duplicates everywhere
+    valid = torch.ones(4, 36, dtype=torch.bool)
+    valid[1, 20:] = False
+    valid[2, ::3] = False
+    valid[3, 1:] = False
+    for k in (2, 9, 20, 35):
+        ref = agglomerative_clustering(metric, k, linkage, "torch", valid=valid)
+        if "numba" in BACKENDS:
+            assert torch.equal(agglomerative_clustering(metric, k, linkage, "numba", valid=valid), ref)
+        dense = cluster._cluster_torch(metric, k, cluster.LINKAGES[linkage], dense_repair=True, valid=valid)
+        assert torch.equal(cluster.real_clusters_first(dense, valid, k), ref)
+
+
+def test_padding_without_padding_is_unmasked_clustering_and_errors():
+    metric = torch.randn(3, 12, 4)
+    full = torch.ones(3, 12, dtype=torch.bool)
+    for backend in BACKENDS:
+        assert torch.equal(agglomerative_clustering(metric, 5, "average", backend, valid=full),
+                           agglomerative_clustering(metric, 5, "average", backend))
+    assert agglomerative_clustering(metric, 1, valid=full).eq(0).all()
+    padded = full.clone()
+    padded[0, 6:] = False
+    with pytest.raises(ValueError, match="num_clusters=1 leaves no cluster for padding"):
+        agglomerative_clustering(metric, 1, valid=padded)
+    with pytest.raises(TypeError, match="bool tensor"):
+        agglomerative_clustering(metric, 5, valid=padded.long())
+    with pytest.raises(ValueError, match=r"\(B, T\) = \(3, 12\)"):
+        agglomerative_clustering(metric, 5, valid=padded[:, :6])
+    # padding content is never read, and the NaN check still covers real tokens
+    metric[0, 8] = float("nan")
+    agglomerative_clustering(metric, 5, valid=padded)
+    with pytest.raises(ValueError, match="NaN"):
+        agglomerative_clustering(metric, 5, valid=full)
+
+
+def test_padding_traces_as_the_custom_op():
+    metric, valid = padded_batch(torch.Generator().manual_seed(2), 20, 8, [20, 7, 1])
+    fn = torch.compile(lambda m, v: agglomerative_clustering(m, 9, "complete", valid=v), backend="aot_eager",
+                       fullgraph=True)
+    assert torch.equal(fn(metric, valid), agglomerative_clustering(metric, 9, "complete", valid=valid))
+
+
+def test_clustering_threads_setting(monkeypatch):
+    """One setting for the CPU clustering threads: default 1 (no second OpenMP runtime's workers next to torch's),
+    ATC_CLUSTER_THREADS or set_num_threads to change it; the labels never depend on it."""
+    numba = pytest.importorskip("numba")
+    monkeypatch.delenv("ATC_CLUSTER_THREADS", raising=False)
+    monkeypatch.setattr(cluster, "_num_threads", None)  # whatever an earlier test (the digits job's --threads) set
+    assert cluster.get_num_threads() == 1
+    seen = []
+    real = numba.set_num_threads
+    monkeypatch.setattr(numba, "set_num_threads", lambda n: (seen.append(n), real(n)))
+    metric = torch.randn(6, 40, 8)
+    torch_threads = torch.get_num_threads()
+    one = agglomerative_clustering(metric, 11, "average", "numba")
+    assert numba.get_num_threads() == (seen[-1] if seen else 1)  # restored afterwards (or never changed)
+    # numba's OpenMP layer sets the process's OpenMP thread count, torch's too: it is put back
+    assert torch.get_num_threads() == torch_threads
+    monkeypatch.setenv("ATC_CLUSTER_THREADS", "2")
+    assert cluster.get_num_threads() == 2
+    try:
+        cluster.set_num_threads(2)
+        assert torch.equal(agglomerative_clustering(metric, 11, "average", "numba"), one)
+        assert min(2, numba.config.NUMBA_NUM_THREADS) in seen
+        assert torch.get_num_threads() == torch_threads
+    finally:
+        cluster.set_num_threads(None)
+    for bad in (0, -1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="positive integer"):
+            cluster.set_num_threads(bad)
+    monkeypatch.setenv("ATC_CLUSTER_THREADS", "many")
+    with pytest.raises(ValueError, match="ATC_CLUSTER_THREADS"):
+        cluster.get_num_threads()

@@ -319,3 +319,89 @@ def test_merges_are_differentiable():
     y, _ = merge.merge_wavg(x, torch.ones(2, 12, 1))
     merge.unmerge(y).sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+# ------------------------------------------------------------------------------------------------ padding
+def _padded(gen, lengths, t, c, p):
+    """Metric and mask of a padded batch: sample i has lengths[i] real tokens (protected ones included) first."""
+    x = torch.randn(len(lengths), t, c, generator=gen, dtype=torch.float64)
+    valid = torch.arange(t).expand(len(lengths), t) < torch.tensor(lengths).unsqueeze(1)
+    return x, valid
+
+
+@pytest.mark.parametrize("method", ["atc", "tome", "kmedoids", "dpcknn"])
+@pytest.mark.parametrize("protected", [0, 1, 2])
+def test_padding_each_sample_merges_as_alone(method, protected):
+    """A padded batch against each sample run alone (no padding) with what that method removes from it alone:
+    identical slots for the real tokens, in both layouts; padding only with padding (the first ones folded into
+    one slot when the sample gave up fewer than r), sizes of padding 0, no NaN, the mask of the output slots."""
+    gen = torch.Generator().manual_seed(31 + protected)
+    t = 23
+    lengths = [t, protected + 1, protected + 2, 12, t - 1]
+    x, valid = _padded(gen, lengths, t, 6, protected)
+    weights = torch.rand(len(lengths), t, generator=gen)
+    for layout in M.LAYOUTS:
+        for r in sorted({1, 4, 9, M.max_removable(method, t, protected, masked=True)}):
+            merge = M.merge_by_method(method, x, r, protected, layout=layout, valid=valid, linkage="complete",
+                                      weights=weights if method == "kmedoids" else None)
+            assert merge.num_out == t - r
+            size = valid.double().unsqueeze(-1)
+            merged, merged_size = merge.merge_with_size(x, size)
+            assert torch.isfinite(merged).all()
+            for i, n in enumerate(lengths):
+                own_r = min(r, M.max_removable(method, n, protected))
+                alone = M.merge_by_method(method, x[i:i + 1, :n], own_r, protected, layout=layout,
+                                          linkage="complete", weights=weights[i:i + 1, :n] if method == "kmedoids"
+                                          else None)
+                k = alone.num_out
+                assert merge.labels[i, :n].tolist() == alone.labels[0].tolist(), (layout, r, n)
+                if merge.select is not None and alone.select is not None:
+                    assert merge.select[i, :k].tolist() == alone.select[0].tolist()
+                pad = merge.labels[i, n:].tolist()
+                surplus = r - own_r
+                assert pad == [k + max(0, j - surplus) for j in range(t - n)], (layout, r, n, pad)
+                assert merge.valid[i].tolist() == [j < k for j in range(t - r)]
+                ref_x, ref_size = brute_force_merge(x[i:i + 1, :n], size[i:i + 1, :n], alone.labels, k)
+                if alone.select is None and method != "dpcknn":
+                    torch.testing.assert_close(merged[i, :k], ref_x[0], rtol=0, atol=1e-12)
+                assert torch.equal(merged_size[i, :k], ref_size[0])
+                assert merged_size[i, k:].eq(0).all()
+
+
+def test_padding_tome_matches_brute_force_reference():
+    """Independently of the unpadded code: ToMe's brute-force loop on each sample's real tokens."""
+    gen = torch.Generator().manual_seed(8)
+    lengths = [17, 9, 4]
+    x, valid = _padded(gen, lengths, 17, 5, 1)
+    for r in (1, 2, 3):
+        merge = M.bipartite_soft_matching(x, r, 1, valid=valid, layout="spatial")
+        merged = merge.unmerge(merge.merge(x))
+        for i, n in enumerate(lengths):
+            ref = tome_reference(x[i:i + 1, :n], min(r, (n - 1) // 2), 1)
+            torch.testing.assert_close(merged[i, :n], ref[0], rtol=0, atol=1e-12)
+
+
+def test_padding_atc_matches_sklearn_clusters():
+    gen = torch.Generator().manual_seed(9)
+    lengths = [20, 7, 2, 13]
+    x, valid = _padded(gen, lengths, 20, 6, 1)
+    r = 8
+    merge = M.atc_merge(x, r, 1, valid=valid, linkage="average")
+    for i, n in enumerate(lengths):
+        kept = max(1, n - 1 - r)
+        ref = agglomerative_clustering(x[i:i + 1, 1:n], kept, "average", "sklearn")[0] + 1
+        assert merge.labels[i, 1:n].tolist() == ref.tolist()
+
+
+def test_padding_r0_and_errors():
+    x, valid = _padded(torch.Generator().manual_seed(1), [9, 4], 9, 3, 1)
+    for method in M.MERGE_METHODS:
+        merge = M.merge_by_method(method, x, 0, 1, valid=valid)
+        assert merge.num_out == 9 and torch.equal(merge.valid, valid) and torch.equal(merge.merge(x), x)
+        with pytest.raises(ValueError, match="can remove between 0 and"):
+            M.merge_by_method(method, x, M.max_removable(method, 9, 1, masked=True) + 1, 1, valid=valid)
+        with pytest.raises(ValueError, match="bool tensor"):
+            M.merge_by_method(method, x, 1, 1, valid=valid.long())
+    with pytest.raises(ValueError, match="not both"):
+        M.bipartite_soft_matching(x, 1, 1, valid=valid, dst_mask=torch.ones(9, dtype=torch.bool))
+    assert M.max_removable("atc", 9, 1, masked=True) == 6 and M.max_removable("tome", 9, 1, masked=True) == 3

@@ -164,8 +164,8 @@ def test_unsupported_options_name_the_option():
         atc.patch.timm(model)
     with pytest.raises(ValueError, match="rope_type='mixed'"):
         atc.patch.timm(Eva(**TINY, attn_type="rope", use_rot_pos_emb=True, rope_type="mixed"))
-    with pytest.raises(TypeError, match="NaFlexVit"):
-        atc.patch.timm(NaFlexVit(NaFlexVitCfg(embed_dim=32, depth=1, num_heads=2), num_classes=3))
+    with pytest.raises(ValueError, match="NaFlexVit with rope_type='mixed'"):  # NaFlexVit: tests/test_patch_padding.py
+        atc.patch.timm(NaFlexVit(NaFlexVitCfg(embed_dim=32, depth=1, num_heads=2, rope_type="mixed"), num_classes=3))
 
 
 def test_rope_blocks_share_one_patched_class():

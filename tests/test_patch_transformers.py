@@ -207,20 +207,20 @@ def test_unsupported_options_name_the_option():
     model.r = 2
     with pytest.raises(ValueError, match="output_attentions=True"):
         model(pixel_values=_images(), output_attentions=True)
-    mask = torch.ones(2, 17, dtype=torch.bool)
-    mask[:, -1] = False  # (an all-true mask is dropped by transformers: nothing to honour)
-    with pytest.raises(ValueError, match="attention_mask"):
-        model(pixel_values=_images(), attention_mask=mask)
+    # a mask of token pairs (here causal) is no padding mask: merged tokens cannot follow it (padding masks are
+    # supported: tests/test_patch_padding.py)
+    causal = torch.ones(17, 17, dtype=torch.bool).tril().expand(2, 1, 17, 17)
+    with pytest.raises(ValueError, match="not a key-padding mask"):
+        model(pixel_values=_images(), attention_mask=causal)
+    cls_masked = torch.ones(2, 17, dtype=torch.bool)
+    cls_masked[:, 0] = False
+    with pytest.raises(ValueError, match="class or register token"):
+        model(pixel_values=_images(), attention_mask=cls_masked)
     model.r = 0  # nothing merged: the layers' own forwards run, output_attentions as transformers handles it
     with torch.no_grad():
         model(pixel_values=_images(), output_attentions=True)
+        model(pixel_values=_images(), attention_mask=causal)
     model.r = 2
-    model.activation_checkpointing_enable()
-    model.train()
-    with pytest.raises(ValueError, match="gradient checkpointing"):
-        model(pixel_values=_images())
-    model.activation_checkpointing_disable()
-    model.eval()
     with pytest.raises(ValueError, match="already patched"):
         atc.patch.transformers(model)
     with pytest.raises(TypeError, match="disagree"):  # ToMe's prop_attn spelling must agree with ours

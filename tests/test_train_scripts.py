@@ -73,10 +73,14 @@ def test_train_resume_validate(tmp_path, model):
         pytest.skip("atc.models (registered reduction models) not available")
     out = tmp_path / "D"
     base = ["--dataset", "digits", "--model", model, *TINY[:1], "embed_dim=32", "depth=10", "num_heads=2",
-            "--input-size", "32", "--reduction_loc", "3", "6", "9", "--keep_rate", "0.7", "--linkage", "average",
-            *FAST, "--output_dir", out]
-    first = _run("train_deit.py", *base, "--epochs", "2", subprocess_=True)  # the real command line once
+            "--input-size", "32", "--reduction_loc", "3", "6", "9", "--keep_rate", "0.7", *FAST, "--output_dir", out]
+    # the real command line once (for one of the two models: the other runs the same main in-process)
+    first = _run("train_deit.py", *base, "--epochs", "2", subprocess_=model.startswith("atc_"))
     assert first.returncode == 0, first.stderr[-2000:]
+    # no --linkage / --proportional_attn given: the run records what the model uses (the published defaults)
+    recorded = json.loads((out / "args.json").read_text())
+    assert (recorded["linkage"], recorded["proportional_attn"]) == (
+        ("complete", True) if model.startswith("atc_") else (None, None))
     assert torch.load(out / "checkpoint.pth", weights_only=False)["epoch"] == 1
     second = _run("train_deit.py", *base, "--epochs", "3", "--resume", out / "checkpoint.pth")
     assert second.returncode == 0, second.stderr[-2000:]

@@ -9,11 +9,9 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from atc.errors import DatasetError
+
 __all__ = ["DatasetError", "load_image", "FileListDataset", "require_path"]
-
-
-class DatasetError(ValueError):
-    """A dataset folder or file is missing or malformed; the message says what was expected where."""
 
 
 def require_path(path: Path, what: str, dataset: str) -> Path:

@@ -11,7 +11,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from atc import distributed as D
-from atc.cli import ConfigError
+from atc.data.datasets import build_dataset
+from atc.errors import ConfigError
 
 __all__ = ["build_loaders", "build_train_sampler", "ShardSampler", "usable_workers"]
 
@@ -55,8 +56,6 @@ def build_loaders(dataset: str, root: str | None, input_size: int, batch_size: i
                   **train_transform: Any) -> tuple[DataLoader | None, DataLoader, Any]:
     """Train loader (sharded, order fixed by ``(seed, epoch)``, drop_last) and val loader (sequential, or
     sharded without padding under ``dist_eval``). Returns ``(train_loader or None, val_loader, info)``."""
-    from atc.data import build_dataset
-
     num_workers = usable_workers(num_workers)
     common = {"crop_pct": crop_pct} if crop_pct else {}
     ds_val, info = build_dataset(dataset, root, "val", input_size, is_train=False, **common)

@@ -21,13 +21,26 @@ one patched class (:func:`patched_class`), so a compiled model compiles each blo
 Names: the library calls proportional attention ``proportional_attn`` everywhere; the public patch functions
 also accept ToMe's spelling ``prop_attn=`` (``tome.patch.timm(model, prop_attn=True)``), mapped to it in one
 place, :func:`resolve_proportional_attn`.
+
+Padded batches (NaFlexViT's patch masks, a ``transformers`` attention mask): the patcher passes the padding mask
+``valid (B, N)`` to the first block (:meth:`MergeState.start`); every merge keeps padding out of real clusters
+(:mod:`atc.merge`) and hands the mask of its output slots to the next block. Padding tokens have size 0, so
+``log(size)`` masks them as keys in proportional attention (without it the blocks add the same mask with 0 for
+real tokens), size-weighted pooling ignores them, and a merged block's attention never sees them.
+
+Gradient checkpointing: a checkpointed block runs again during the backward pass, when the shared state has moved
+on to the end of the forward. Every patched block therefore records the state it started from
+(:meth:`MergeState.enter`), and a block run again inside the backward pass (:func:`replaying`) runs from that
+record and leaves the state as the forward left it: the recomputation is the original computation, so loss and
+gradients are those without checkpointing, with any method.
 """
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -43,6 +56,7 @@ __all__ = [
     "ReductionPlan",
     "BlockStep",
     "plan_reduction",
+    "replaying",
     "parse_r",
     "check_options",
     "resolve_proportional_attn",
@@ -196,13 +210,15 @@ class ReductionPlan(NamedTuple):
 
 
 def plan_reduction(r: Any, method: str, depth: int, num_tokens: int, protected: int = 1,
-                   proportional_attn: bool = True) -> ReductionPlan:
+                   proportional_attn: bool = True, masked: bool = False) -> ReductionPlan:
     """Resolve ``model.r`` into the per-block reductions of a forward on ``num_tokens`` tokens (prefix incl.).
 
     Every count is computed here, from Python ints, so the forward never reads a count from a tensor: shapes
     are static and ``torch.compile`` can trace the whole forward. Requests beyond what ``method`` can remove
     are capped (``capped`` records it); with a :class:`KeepRateSchedule` later locations aim at their planned
-    absolute counts from wherever the previous step got to.
+    absolute counts from wherever the previous step got to. ``masked``: a padded batch, whose counts are those of
+    the padded length (each sample removes as much of that from its real tokens as it would alone, see
+    :mod:`atc.merge`); its blocks after a merge always run the patched forward, which masks padding itself.
     """
     parsed = parse_r(r, depth)
     targets: dict[int, int] = {}
@@ -221,7 +237,7 @@ def plan_reduction(r: Any, method: str, depth: int, num_tokens: int, protected: 
     t, capped = num_tokens, False
     for i in range(depth):
         want = max(t - protected - targets[i], 0) if i in targets else r_list[i]
-        got = min(want, max_removable(method, t, protected))
+        got = min(want, max_removable(method, t, protected, masked))
         capped = capped or got < want
         requested.append(want)
         removed.append(got)
@@ -232,10 +248,21 @@ def plan_reduction(r: Any, method: str, depth: int, num_tokens: int, protected: 
         pre_r = got if pre_block else 0
         receive = method == "kmedoids" and i + 1 < depth and removed[i + 1] > 0
         # proportional attention needs log(size) once any block has merged (or this block's input was reduced)
-        biased = proportional_attn and (merged_before or pre_r > 0)
+        biased = (proportional_attn or masked) and (merged_before or pre_r > 0)
         steps.append(BlockStep(pre_r, 0 if pre_block else got, receive, not (got or receive or biased)))
         merged_before = merged_before or got > 0
     return ReductionPlan(tuple(r_list), tuple(requested), tuple(removed), tuple(tokens), capped, tuple(steps))
+
+
+def replaying() -> bool:
+    """Whether a block is being run again by gradient checkpointing: its recomputation happens inside the backward
+    pass (the autograd engine is running a graph task), a forward never does. Never true while compiling (compiled
+    checkpoints recompute inside the compiled graph, not by running the block's Python code again)."""
+    return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
+
+
+#: The per-forward fields of :class:`MergeState` a block reads: recorded when it starts, restored when it replays.
+_BLOCK_INPUTS = ("plan", "size", "valid", "token_map", "attn_received", "rope", "_bias")
 
 
 def _plan_key(r: Any) -> Any:
@@ -250,8 +277,8 @@ class MergeState:
     The first block calls :meth:`start`, which resolves ``r`` into a :class:`ReductionPlan` (cached per
     ``(r, number of tokens)`` in eager mode); each block then looks up its :class:`BlockStep`. During and after
     a forward, ``size (B, T, 1)`` holds the number of original tokens in each current token (``None`` before
-    any merge) and, with ``trace_source``, ``token_map (B, N)`` the current slot of every input token (prefix
-    tokens included).
+    any merge; 0 for padding) and, with ``trace_source``, ``token_map (B, N)`` the current slot of every input
+    token (prefix tokens included); for a padded batch ``valid (B, T)`` says which current tokens are real.
     """
 
     method: str = "atc"
@@ -272,8 +299,16 @@ class MergeState:
     token_map: Tensor | None = None
     attn_received: Tensor | None = None
     rope: Tensor | None = None
+    valid: Tensor | None = None
+    #: the padding mask the model's embedding step found for the next forward (NaFlexViT), read by block 0
+    pending_valid: Tensor | None = None
+    #: whether the attention mask the blocks receive is the model's own padding mask (NaFlexViT's), which merged
+    #: blocks rebuild from ``valid``; any other mask cannot follow merged tokens
+    model_mask: bool = False
     _bias: Tensor | None = None
     _plans: dict[Any, ReductionPlan] = field(default_factory=dict, repr=False)
+    #: the fields of _BLOCK_INPUTS each block started from in the last forward (for gradient checkpointing)
+    _inputs: dict[int, tuple[Any, ...]] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         if self.layout not in LAYOUTS:
@@ -284,25 +319,58 @@ class MergeState:
         parse_r(r, self.depth)
         self.r = r
 
-    def start(self, x: Tensor) -> ReductionPlan:
-        """Begin a forward on the first block's input ``x (B, N, C)``; returns the plan of this forward."""
+    def merges_nothing(self) -> bool:
+        """Whether ``r`` removes nothing in any block (the patched model then runs the original forwards, and a
+        padding mask need not even be read)."""
+        parsed = parse_r(self.r, self.depth)
+        return not isinstance(parsed, KeepRateSchedule) and not any(parsed)
+
+    def start(self, x: Tensor, valid: Tensor | None = None) -> ReductionPlan:
+        """Begin a forward on the first block's input ``x (B, N, C)``; ``valid (B, N)`` bool: its padding mask
+        (prefix tokens included), ``None`` without padding. Returns the plan of this forward."""
         bsz, num_tokens = x.shape[0], x.shape[1]
-        self.plan = self._plan_for(num_tokens)
+        self.plan = self._plan_for(num_tokens, valid is not None)
         self.size = None
         self._bias = None
         self.attn_received = None
         self.rope = None
+        self.valid = valid
         self.token_map = init_token_map(bsz, num_tokens, x.device) if self.trace_source else None
         return self.plan
 
-    def _plan_for(self, num_tokens: int) -> ReductionPlan:
-        args = (self.method, self.depth, num_tokens, self.protected, self.proportional_attn)
+    def enter(self, index: int, x: Tensor, valid: Tensor | None = None) -> BlockStep:
+        """What block ``index`` calls first in a forward: starts the forward at block 0 (``valid``: see
+        :meth:`start`), records what the block starts from (for :meth:`replay`), returns its step."""
+        plan = self.start(x, valid) if index == 0 else self.plan
+        if not torch.compiler.is_compiling():
+            self._inputs[index] = tuple(getattr(self, name) for name in _BLOCK_INPUTS)
+        return plan.steps[index]
+
+    @contextlib.contextmanager
+    def replay(self, index: int) -> Iterator[BlockStep]:
+        """Run block ``index`` again, as gradient checkpointing does in the backward pass: from the state it started
+        from in the forward, leaving the state as the forward left it. Yields the block's step."""
+        saved = self._inputs.get(index)
+        if saved is None:
+            raise RuntimeError(f"patched block {index} is recomputed by gradient checkpointing but never ran forward "
+                               f"since the model was patched")
+        live = tuple(getattr(self, name) for name in _BLOCK_INPUTS)
+        for name, value in zip(_BLOCK_INPUTS, saved):
+            setattr(self, name, value)
+        try:
+            yield self.plan.steps[index]
+        finally:
+            for name, value in zip(_BLOCK_INPUTS, live):
+                setattr(self, name, value)
+
+    def _plan_for(self, num_tokens: int, masked: bool = False) -> ReductionPlan:
+        args = (self.method, self.depth, num_tokens, self.protected, self.proportional_attn, masked)
         if torch.compiler.is_compiling():
             # traced once per compilation: dynamo guards on r and the token count, and a cache lookup here
             # would add guards on the cache's contents (a recompile every time it grows)
             return plan_reduction(self.r, *args)
         try:
-            key = (num_tokens, _plan_key(self.r))
+            key = (num_tokens, masked, _plan_key(self.r))
             plan = self._plans.get(key)
         except TypeError:  # an unhashable r (parse_r names the problem)
             return plan_reduction(self.r, *args)
@@ -329,15 +397,31 @@ class MergeState:
         )
 
     def attention_bias(self, dtype: torch.dtype) -> Tensor | None:
-        """``log(size)`` over keys ``(B, 1, 1, T)`` for proportional attention, or ``None``.
+        """``log(size)`` over keys ``(B, 1, 1, T)`` for proportional attention, or ``None``; for a padded batch
+        also the padding mask (the dtype's most negative value at padding keys, 0 or ``log(size)`` elsewhere).
 
         Computed once per merge (sizes only change there), not once per block.
         """
-        if not self.proportional_attn or self.size is None:
+        if self.valid is None and (not self.proportional_attn or self.size is None):
             return None
         if self._bias is None or self._bias.dtype != dtype:
-            self._bias = self.size.to(dtype).log()[:, None, None, :, 0]
+            if self.proportional_attn and self.size is not None:
+                bias = self.size.to(dtype).log()[:, None, None, :, 0]
+            else:
+                bias = torch.zeros(self.valid.shape[0], 1, 1, self.valid.shape[1], dtype=dtype,
+                                   device=self.valid.device)
+            if self.valid is not None:
+                # the most negative finite value, not -inf: a row of padding queries still has finite logits
+                bias = bias.masked_fill(~self.valid[:, None, None, :], torch.finfo(dtype).min)
+            self._bias = bias
         return self._bias
+
+    def query_weights(self, probs: Tensor) -> Tensor:
+        """Attention probabilities ``(B, H, T, T)`` with the rows of padding queries zeroed (K-Medoids' token
+        weights sum the attention each token receives from the real tokens only, as in the sample alone)."""
+        if self.valid is None:
+            return probs
+        return probs * self.valid[:, None, :, None].to(probs.dtype)
 
     def merge(self, x: Tensor, metric: Tensor, r: int, token_weight: Tensor | None = None) -> tuple[Tensor, Merge]:
         """Remove ``r`` tokens from ``x (B, T, C)`` comparing tokens by ``metric (B, T, C')``.
@@ -348,9 +432,15 @@ class MergeState:
         options: dict[str, Any] = {"linkage": self.linkage, "backend": self.backend, "layout": self.layout}
         if self.method == "kmedoids" and self.attn_received is not None:
             options["weights"] = self.attn_received
+        if self.valid is not None:
+            options["valid"] = self.valid
         with torch.no_grad():
             m = merge_by_method(self.method, metric.detach(), r, self.protected, **options)
-        x, self.size = m.merge_with_size(x, self.size, token_weight)
+        size = self.size
+        if size is None and self.valid is not None:  # padding has size 0: it weighs nothing anywhere
+            size = self.valid.unsqueeze(-1).to(x.dtype)
+        x, self.size = m.merge_with_size(x, size, token_weight)
+        self.valid = m.valid
         self._bias = None
         self.attn_received = None
         if self.token_map is not None:
@@ -370,16 +460,18 @@ class MergeState:
             "token_map": self.token_map,
             "protected": self.protected,
             "capped": plan.capped,
+            "valid": self.valid,
         }
 
 
-def weighted_pool(x: Tensor, size: Tensor | None, pool_type: str, num_prefix: int, include_prefix: bool) -> Tensor:
+def weighted_pool(x: Tensor, size: Tensor | None, pool_type: str, num_prefix: int, include_prefix: bool,
+                  valid: Tensor | None = None) -> Tensor:
     """Global pooling of merged tokens ``(B, T, C) -> (B, C)``: averages are size-weighted.
 
     ``sum(x * size) / sum(size)`` over the pooled tokens reproduces the mean over the original tokens when
     each merged token is the mean of its members: what MAE's average pooling computes on the unreduced model.
     The final norm is timm's, applied once by the caller (the published MAE code applies it twice with recent
-    timm).
+    timm). ``valid (B, T)``: padding mask; padding has size 0 (no weight in averages) and is left out of maxima.
     """
     tokens = x if include_prefix else x[:, num_prefix:]
     if size is None:
@@ -389,6 +481,9 @@ def weighted_pool(x: Tensor, size: Tensor | None, pool_type: str, num_prefix: in
     avg = (tokens * w).sum(dim=1) / w.sum(dim=1)
     if pool_type == "avg":
         return avg
+    if valid is not None and pool_type in ("max", "avgmax"):
+        real = (valid if include_prefix else valid[:, num_prefix:]).unsqueeze(-1)
+        tokens = tokens.masked_fill(~real, torch.finfo(tokens.dtype).min)
     if pool_type == "max":
         return tokens.amax(dim=1)
     if pool_type == "avgmax":

@@ -26,16 +26,29 @@ Placement, as in the published models: ATC and ToMe merge inside each block afte
 the MLP (the metric is that attention's keys); K-Medoids and DPC-KNN reduce the block input before the block. Unsupported variants (``global_pool='prr'``,
 attention pooling with its own position embedding, parallel blocks, other attention layers, EVA's mixed RoPE)
 raise at patch time.
+
+NaFlexViT (``NaFlexVit``: native aspect ratios, a padded batch of variable patch counts with ``patch_valid``):
+the patch mask reaches the first block as the padding mask of :mod:`atc.patch.common`, so padding never merges
+with real patches and every sample's real patches are merged as if it were run alone (the same ``r`` per block,
+capped at what its own patch count allows); padding has size 0 (``log(size)`` masks it in attention), each
+sample keeps its own rotary table (merged with its tokens), and pooling is size-weighted over the real tokens
+(attention pooling adds ``log(size)``). A custom ``attn_mask`` passed to a NaFlexVit cannot follow merged tokens
+and raises once tokens merge. ``forward_features`` returns the ``patch_valid`` of the merged tokens.
+
+Gradient checkpointing (``model.set_grad_checkpointing(True)``) works with every method: see
+:mod:`atc.patch.common`.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from atc.patch.common import (BlockStep, MergeState, check_options, patch_blocks, patch_model, remove_patch,
-                              resolve_proportional_attn, weighted_pool)
+                              replaying, resolve_proportional_attn, weighted_pool)
 
 __all__ = ["apply_patch", "remove_patch"]
 
@@ -83,6 +96,11 @@ def _qkv_eva(attn: nn.Module, x: Tensor, rope: Tensor | None) -> tuple[Tensor, T
     return q, k, v
 
 
+def _stale(attn_mask: Tensor | None, num_tokens: int) -> bool:
+    """Whether ``attn_mask`` was made for the tokens before a merge (another token count)."""
+    return attn_mask is not None and attn_mask.shape[-1] != num_tokens
+
+
 def _attend(block: nn.Module, x: Tensor, step: BlockStep, rope: Tensor | None, attn_mask: Tensor | None,
             is_causal: bool) -> tuple[Tensor, Tensor | None]:
     """timm's attention forward on ``x (B, T, C)`` with ``log(size)`` as additive mask (proportional attention).
@@ -98,10 +116,14 @@ def _attend(block: nn.Module, x: Tensor, step: BlockStep, rope: Tensor | None, a
     gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
     q, k, v = _qkv_eva(attn, x, rope) if block._atc_eva else _qkv_timm(attn, x)
     bias = state.attention_bias(q.dtype)
-    if bias is not None:
-        if is_causal or attn_mask is not None:
+    if (bias is not None and (is_causal or attn_mask is not None)) or _stale(attn_mask, n):
+        # the model's own padding mask (NaFlexViT's, from its patch mask) is rebuilt from the merge state, or masks
+        # nothing in a batch without padding; any other mask cannot follow merged tokens
+        if not state.model_mask:
             raise ValueError("a user attention mask cannot be combined with merged tokens (their count changes)")
-        attn_mask = bias
+        attn_mask = None
+    if bias is not None:
+        attn_mask, is_causal = bias, False
     out = F.scaled_dot_product_attention(
         q, k, v, attn_mask=attn_mask, dropout_p=attn.attn_drop.p if attn.training else 0.0, is_causal=is_causal
     )
@@ -109,7 +131,7 @@ def _attend(block: nn.Module, x: Tensor, step: BlockStep, rope: Tensor | None, a
         logits = (q * attn.scale) @ k.transpose(-2, -1)
         if attn_mask is not None:
             logits = logits + attn_mask
-        state.attn_received = logits.softmax(dim=-1).sum(dim=1).sum(dim=1).detach()
+        state.attn_received = state.query_weights(logits.softmax(dim=-1)).sum(dim=1).sum(dim=1).detach()
     metric = None
     if step.in_r and state.metric != "x":
         metric = {"keys": k, "queries": q, "values": v}[state.metric].mean(dim=1)
@@ -154,16 +176,28 @@ def _merge(block: nn.Module, x: Tensor, metric: Tensor, r: int, weight: Tensor |
 
 
 def _run_block(self: nn.Module, x: Tensor, rope: Tensor | None, attn_mask: Tensor | None, is_causal: bool) -> Tensor:
-    """The patched block on ``x (B, T, C)``, returning ``(B, T - r, C)``: reduce the input (K-Medoids, DPC-KNN)
-    or merge after the attention residual (ATC, ToMe), with proportional attention; the original forward where
-    none of it applies (:attr:`BlockStep.plain`)."""
+    """The patched block on ``x (B, T, C)``, returning ``(B, T - r, C)``; run again from the state it started from
+    when gradient checkpointing recomputes it (:meth:`MergeState.replay`)."""
     state: MergeState = self._atc_state
-    index = self._atc_index
-    plan = state.start(x) if index == 0 else state.plan
-    step = plan.steps[index]
+    if replaying():
+        with state.replay(self._atc_index) as step:
+            return _block_step(self, x, step, rope, attn_mask, is_causal)
+    step = state.enter(self._atc_index, x, state.pending_valid)
+    return _block_step(self, x, step, rope, attn_mask, is_causal)
+
+
+def _block_step(self: nn.Module, x: Tensor, step: BlockStep, rope: Tensor | None, attn_mask: Tensor | None,
+                is_causal: bool) -> Tensor:
+    """Reduce the input (K-Medoids, DPC-KNN) or merge after the attention residual (ATC, ToMe), with proportional
+    attention; the original forward where none of it applies (:attr:`BlockStep.plain`)."""
+    state: MergeState = self._atc_state
     if state.rope is not None:
         rope = state.rope
     if step.plain:
+        if _stale(attn_mask, x.shape[1]):
+            if not state.model_mask:
+                raise ValueError("a user attention mask cannot be combined with merged tokens (their count changes)")
+            attn_mask = None  # NaFlexVit's own mask of a batch without padding: it masks nothing
         if self._atc_eva:
             return self._atc_base.forward(self, x, rope=rope, attn_mask=attn_mask, is_causal=is_causal)
         return self._atc_base.forward(self, x, attn_mask=attn_mask, is_causal=is_causal)
@@ -199,49 +233,98 @@ def _eva_block_forward(self: nn.Module, x: Tensor, rope: Tensor | None = None, a
 # --------------------------------------------------------------------------------------------------------------
 # Model
 # --------------------------------------------------------------------------------------------------------------
-def _model_pool(self: nn.Module, x: Tensor, pool_type: str | None = None) -> Tensor:
-    """timm's ``pool`` with size-weighted averages over merged tokens; attention pooling (``global_pool='map'``)
-    adds ``log(size)`` to the pooling query's logits, so a merged token weighs as the tokens it holds."""
-    state: MergeState = self._atc_state
-    if self.attn_pool is not None:
-        if state.size is None or state.size.shape[1] != x.shape[1]:
-            return self._atc_base.pool(self, x, pool_type)
-        size = state.size
-        if not getattr(self, "pool_include_prefix", True):  # VisionTransformer pools patch tokens only
-            x, size = x[:, self.num_prefix_tokens:], size[:, self.num_prefix_tokens:]
+def _pool_merged(model: nn.Module, x: Tensor, pool_type: str | None) -> Tensor | None:
+    """Pooling of merged tokens ``x (B, T, C)``, or ``None`` when nothing was merged (the model's own pooling
+    applies): size-weighted averages (padding has size 0), maxima over real tokens, and attention pooling
+    (``global_pool='map'``) with ``log(size)`` added to the pooling query's logits, so a merged token weighs as the
+    tokens it holds (and padding not at all)."""
+    state: MergeState = model._atc_state
+    size, valid = state.size, state.valid
+    if size is None or size.shape[1] != x.shape[1]:
+        return None
+    include_prefix = bool(getattr(model, "pool_include_prefix", model.attn_pool is not None))
+    if model.attn_pool is not None:
+        bias = size.to(x.dtype).log()[:, None, None, :, 0]
+        if valid is not None:
+            bias = bias.masked_fill(~valid[:, None, None, :], torch.finfo(x.dtype).min)
+        if not include_prefix:  # VisionTransformer and NaFlexVit pool patch tokens only
+            x, bias = x[:, model.num_prefix_tokens:], bias[..., model.num_prefix_tokens:]
         # the query attends to a merged token as to the `size` identical tokens it stands for
-        return self.attn_pool(x, attn_mask=size.to(x.dtype).log()[:, None, None, :, 0])
-    pool_type = self.global_pool if pool_type is None else pool_type
-    if pool_type in ("avg", "max", "avgmax") and state.size is not None and state.size.shape[1] == x.shape[1]:
-        return weighted_pool(x, state.size, pool_type, self.num_prefix_tokens,
-                             bool(getattr(self, "pool_include_prefix", False)))
-    return self._atc_base.pool(self, x, pool_type)
+        return model.attn_pool(x, attn_mask=bias)
+    pool_type = model.global_pool if pool_type is None else pool_type
+    if pool_type in ("avg", "max", "avgmax"):
+        return weighted_pool(x, size, pool_type, model.num_prefix_tokens, include_prefix, valid)
+    return None
 
 
-def _check_supported(model: nn.Module) -> tuple[bool, list[nn.Module]]:
-    """Return (is_eva, blocks); raise naming the option when the model cannot be patched exactly."""
+def _model_pool(self: nn.Module, x: Tensor, pool_type: str | None = None) -> Tensor:
+    """timm's ``pool`` (VisionTransformer, Eva) on merged tokens, see :func:`_pool_merged`."""
+    pooled = _pool_merged(self, x, pool_type)
+    return self._atc_base.pool(self, x, pool_type) if pooled is None else pooled
+
+
+def _naflex_pool(self: nn.Module, x: Tensor, pool_type: str | None = None,
+                 patch_valid: Tensor | None = None) -> Tensor:
+    """NaFlexVit's ``_pool`` on merged tokens (its ``patch_valid`` is replaced by the merge state's mask)."""
+    pooled = _pool_merged(self, x, pool_type)
+    return self._atc_base._pool(self, x, pool_type, patch_valid) if pooled is None else pooled
+
+
+def _naflex_forward_embeds(self: nn.Module, x: Any, patch_coord: Tensor | None, patch_valid: Tensor | None,
+                           attn_mask: Tensor | None) -> dict[str, Any]:
+    """NaFlexVit's embedding step, handing its patch mask (after patch dropout) to the first block as the padding
+    mask. A custom ``attn_mask`` is not a padding mask: the blocks then raise once tokens merge. A batch without
+    padding runs unmasked, exactly as the same images would outside NaFlex mode (this reads the mask on the host,
+    as NaFlex mode's own grid sizes do)."""
+    embeds = self._atc_base._forward_embeds(self, x, patch_coord, patch_valid, attn_mask)
+    valid = embeds.get("patch_valid")
+    state: MergeState = self._atc_state
+    state.model_mask = attn_mask is None  # the blocks' mask is then NaFlexVit's own, made from patch_valid
+    if valid is not None and attn_mask is None and not state.merges_nothing() and not bool(valid.all()):
+        bsz, p = valid.shape[0], self.num_prefix_tokens
+        valid = torch.cat([valid.new_ones(bsz, p, dtype=torch.bool), valid.bool()], dim=1)
+    else:
+        valid = None
+    state.pending_valid = valid
+    return embeds
+
+
+def _naflex_forward_features(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """NaFlexVit's ``forward_features``; in NaFlex mode its ``patch_valid`` is that of the merged tokens."""
+    out = self._atc_base.forward_features(self, *args, **kwargs)
+    valid = self._atc_state.valid
+    if isinstance(out, dict) and valid is not None and valid.shape[1] == out["patches"].shape[1]:
+        out = {**out, "patch_valid": valid[:, self.num_prefix_tokens:]}
+    return out
+
+
+def _check_supported(model: nn.Module) -> tuple[str, list[nn.Module]]:
+    """Return (model kind: "vit", "eva" or "naflex", blocks); raise naming the option when the model cannot be
+    patched exactly."""
     from timm.layers.attention import Attention, AttentionRope
     from timm.layers.attention_pool import AttentionPoolLatent
     from timm.models.eva import Eva, EvaAttention, EvaBlock, EvaBlockPostNorm
+    from timm.models.naflexvit import NaFlexVit
     from timm.models.vision_transformer import Block, ResPostBlock, VisionTransformer
 
     if getattr(model, "_atc_patch_module", None) is not None:
         raise ValueError("model is already patched: call atc.patch.remove(model) first")
     if isinstance(model, VisionTransformer):
-        is_eva, block_types, attn_types = False, (Block, ResPostBlock), (Attention,)
+        kind, block_types, attn_types = "vit", (Block, ResPostBlock), (Attention,)
     elif isinstance(model, Eva):
-        is_eva, block_types, attn_types = True, (EvaBlock, EvaBlockPostNorm), (EvaAttention, AttentionRope)
+        kind, block_types, attn_types = "eva", (EvaBlock, EvaBlockPostNorm), (EvaAttention, AttentionRope)
         if getattr(model, "rope_mixed", False):
             raise ValueError("unsupported timm option: EVA with rope_type='mixed' (depth-dependent rotary tables)")
-    elif type(model).__name__ == "NaFlexVit":
-        raise TypeError(
-            "atc.patch.timm does not support NaFlexVit yet: its patch mask gives every sample its own number of "
-            "real tokens, and merging would have to keep padding tokens out of every cluster per sample; use a "
-            "fixed-size VisionTransformer or Eva"
-        )
+    elif isinstance(model, NaFlexVit):
+        kind = "naflex"
+        block_types = (Block, ResPostBlock, EvaBlock, EvaBlockPostNorm)
+        attn_types = (Attention, EvaAttention, AttentionRope)
+        if model.rope_is_mixed:
+            raise ValueError("unsupported timm option: NaFlexVit with rope_type='mixed' (depth-dependent rotary "
+                             "tables)")
     else:
         raise TypeError(
-            f"atc.patch.timm supports timm VisionTransformer and Eva models, got {type(model).__name__}; "
+            f"atc.patch.timm supports timm VisionTransformer, Eva and NaFlexVit models, got {type(model).__name__}; "
             f"use atc.patch.swag for torchvision's VisionTransformer"
         )
     attn_pool = getattr(model, "attn_pool", None)
@@ -266,7 +349,7 @@ def _check_supported(model: nn.Module) -> tuple[bool, list[nn.Module]]:
                 f"unsupported timm option: attn_layer={type(blk.attn).__name__} (block {i}); supported: "
                 f"{', '.join(t.__name__ for t in attn_types)}"
             )
-    return is_eva, blocks
+    return kind, blocks
 
 
 def apply_patch(
@@ -284,8 +367,8 @@ def apply_patch(
     """Patch a timm ViT in place so that every block can remove ``model.r`` tokens.
 
     Args:
-        model: a timm ``VisionTransformer`` (incl. DeiT distilled, DeiT-III, register-token and MAE ViTs) or
-            ``Eva``.
+        model: a timm ``VisionTransformer`` (incl. DeiT distilled, DeiT-III, register-token and MAE ViTs),
+            ``Eva`` or ``NaFlexVit`` (padded batches of variable patch counts: see the module docstring).
         method: ``"atc"``, ``"tome"``, ``"kmedoids"`` or ``"dpcknn"`` (see :data:`atc.merge.MERGE_METHODS`).
         linkage: ATC linkage: ``"single"``, ``"complete"`` or ``"average"``.
         proportional_attn: add ``log(size)`` to the attention logits (proportional attention); default ``True``.
@@ -305,14 +388,18 @@ def apply_patch(
     """
     check_options(method, linkage, metric, backend)
     proportional_attn = resolve_proportional_attn(proportional_attn, prop_attn)
-    _is_eva, blocks = _check_supported(model)
+    kind, blocks = _check_supported(model)
     state = MergeState(
         method=method, linkage=linkage, proportional_attn=proportional_attn, trace_source=trace_source, backend=backend,
         metric=metric, layout=layout, protected=int(model.num_prefix_tokens), depth=len(blocks),
     )
     patch_blocks(blocks, state, lambda blk: _BLOCK_MEMBERS[type(blk).__name__], score_dim=model.embed_dim)
-    return patch_model(model, state, MODULE_NAME, {"pool": _model_pool})
+    return patch_model(model, state, MODULE_NAME, _NAFLEX_MEMBERS if kind == "naflex" else {"pool": _model_pool})
 
+
+#: Overrides of a patched NaFlexVit: the patch mask to the merge state, merged pooling, merged ``patch_valid``.
+_NAFLEX_MEMBERS = {"_forward_embeds": _naflex_forward_embeds, "_pool": _naflex_pool,
+                   "forward_features": _naflex_forward_features}
 
 #: Class members of each patched block class: the shared forward with its signature, and the layout constants
 #: it branches on (class attributes, the same for every block of a class: no per-block compile guards).

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from atc.patch.common import (BlockStep, MergeState, check_options, patch_blocks, patch_model, remove_patch,
-                              resolve_proportional_attn)
+                              replaying, resolve_proportional_attn)
 
 __all__ = ["apply_patch", "remove_patch"]
 
@@ -52,13 +52,19 @@ def _attention(block: nn.Module, x: Tensor, state: MergeState, step: BlockStep) 
 
 
 def _block_forward(self: nn.Module, input: Tensor) -> Tensor:
-    """The patched ``EncoderBlock`` on ``input (B, T, C)``, returning ``(B, T - r, C)``: reduce the input
-    (K-Medoids, DPC-KNN) or merge after the attention residual (ATC, ToMe); torchvision's forward where none of
-    it applies."""
+    """The patched ``EncoderBlock`` on ``input (B, T, C)``, returning ``(B, T - r, C)``; run again from the state
+    it started from when a gradient checkpoint recomputes it (:meth:`MergeState.replay`)."""
     state: MergeState = self._atc_state
-    index = self._atc_index
-    plan = state.start(input) if index == 0 else state.plan
-    step = plan.steps[index]
+    if replaying():
+        with state.replay(self._atc_index) as step:
+            return _block_step(self, input, step)
+    return _block_step(self, input, state.enter(self._atc_index, input))
+
+
+def _block_step(self: nn.Module, input: Tensor, step: BlockStep) -> Tensor:
+    """Reduce the input (K-Medoids, DPC-KNN) or merge after the attention residual (ATC, ToMe); torchvision's
+    forward where none of it applies."""
+    state: MergeState = self._atc_state
     if step.plain:
         return self._atc_base.forward(self, input)
     if step.pre_r:

@@ -11,8 +11,19 @@
 
 Supported (``transformers`` 5.x): ``ViTModel``, ``ViTForImageClassification``, ``CLIPVisionModel``,
 ``CLIPVisionModelWithProjection``, the vision tower of ``CLIPModel``, ``SiglipVisionModel``, the vision tower
-of ``SiglipModel``, ``Dinov2Model``, ``Dinov2WithRegistersModel``. The class token (ViT, CLIP, DINOv2) and
+of ``SiglipModel``, ``Siglip2VisionModel`` (NaFlex-style padded batches, ``pixel_attention_mask``), the vision
+tower of ``Siglip2Model``, ``Dinov2Model``, ``Dinov2WithRegistersModel``. The class token (ViT, CLIP, DINOv2) and
 register tokens are protected; SigLIP has none.
+
+Padding (``attention_mask``): the mask the encoder layers receive (SigLIP 2 builds it from its
+``pixel_attention_mask``) is read once per forward, at the first layer, as a key-padding mask (a key that no
+query may attend is padding) and becomes the padding mask of :mod:`atc.patch.common`: padding never merges with
+real tokens, every sample's real tokens are merged as if it were run alone, padding has size 0 in attention and
+in SigLIP 2's pooling head. A mask that is not a key-padding mask (one that masks pairs, e.g. causal) cannot follow
+merged tokens and raises, naming the option. Reading the mask synchronises with the device once per forward.
+
+Gradient checkpointing (``model.gradient_checkpointing_enable()``) works with every method: a recomputed layer
+runs from the state it started from (:mod:`atc.patch.common`).
 With ``r = 0`` every layer runs its own forward (the output equals the unpatched model's). A layer that merges,
 or that runs once tokens have sizes, evaluates its attention with ``F.scaled_dot_product_attention`` on the
 layer's own projections with ``log(size)`` as additive mask (proportional attention), whatever
@@ -22,10 +33,11 @@ DPC-KNN reduce the layer input. SigLIP's attention-pooling head (``SiglipMultihe
 otherwise the first token (ViT, CLIP, DINOv2), which is protected, so the heads need nothing else.
 
 Not supported, failing with a message naming the option: ``output_attentions=True`` while tokens are merged
-(the attention maps of merged layers have other sizes and are not computed), a user ``attention_mask`` or
-gradient checkpointing while tokens are merged, and models whose head averages patch tokens without sizes
+(the attention maps of merged layers have other sizes and are not computed), an ``attention_mask`` that is not a
+key-padding mask while tokens are merged, and models whose head averages patch tokens without sizes
 (``Dinov2ForImageClassification`` and its register variant, ``CLIPForImageClassification``,
-``SiglipForImageClassification``) or reads a patch grid (``ViTForMaskedImageModeling``). ``output_hidden_states=True`` works: the recorded states have the token counts
+``SiglipForImageClassification``, ``Siglip2ForImageClassification``) or reads a patch grid
+(``ViTForMaskedImageModeling``). ``output_hidden_states=True`` works: the recorded states have the token counts
 of their layers.
 """
 
@@ -33,11 +45,12 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from atc.patch.common import (BlockStep, MergeState, check_options, patch_blocks, patch_model, remove_patch,
-                              resolve_proportional_attn, swap_class)
+                              replaying, resolve_proportional_attn, swap_class)
 
 __all__ = ["apply_patch", "remove_patch", "SUPPORTED_MODELS"]
 
@@ -49,6 +62,7 @@ _TOWERS: dict[str, tuple[str, str, Callable[[Any], int]]] = {
     "ViTModel": ("layers", "ViTLayer", lambda config: 1),
     "CLIPVisionModel": ("encoder.layers", "CLIPEncoderLayer", lambda config: 1),
     "SiglipVisionModel": ("encoder.layers", "SiglipEncoderLayer", lambda config: 0),
+    "Siglip2VisionModel": ("encoder.layers", "Siglip2EncoderLayer", lambda config: 0),
     "Dinov2Model": ("encoder.layer", "Dinov2Layer", lambda config: 1),
     "Dinov2WithRegistersModel": ("encoder.layer", "Dinov2WithRegistersLayer",
                                  lambda config: 1 + config.num_register_tokens),
@@ -60,6 +74,7 @@ _WRAPPERS: dict[str, str] = {
     "CLIPModel": "vision_model",
     "CLIPVisionModelWithProjection": "vision_model",
     "SiglipModel": "vision_model",
+    "Siglip2Model": "vision_model",
 }
 
 #: model classes that are refused, and why
@@ -68,6 +83,7 @@ _REFUSED: dict[str, str] = {
     "Dinov2WithRegistersForImageClassification": "its head averages the patch tokens without token sizes",
     "CLIPForImageClassification": "its head averages the patch tokens without token sizes",
     "SiglipForImageClassification": "its head averages the patch tokens without token sizes",
+    "Siglip2ForImageClassification": "its head averages the patch tokens without token sizes",
     "ViTForMaskedImageModeling": "its decoder reshapes the tokens to the patch grid",
 }
 
@@ -92,6 +108,7 @@ _LAYOUTS = {
                            ls1="layer_scale1", ls2="layer_scale2", residual_drop="drop_path"),
 }
 _LAYOUTS["Dinov2WithRegistersLayer"] = _LAYOUTS["Dinov2Layer"]
+_LAYOUTS["Siglip2EncoderLayer"] = _LAYOUTS["SiglipEncoderLayer"]
 
 
 def _attention(layer: nn.Module, x: Tensor, state: MergeState, step: BlockStep) -> tuple[Tensor, Tensor | None]:
@@ -116,7 +133,8 @@ def _attention(layer: nn.Module, x: Tensor, state: MergeState, step: BlockStep) 
         logits = (q @ k.transpose(-2, -1)) * scale
         if bias is not None:
             logits = logits + bias
-        state.attn_received = logits.softmax(-1).sum(1).sum(1).detach()  # summed over heads, as timm's patch
+        # summed over heads and the real queries, as timm's patch
+        state.attn_received = state.query_weights(logits.softmax(-1)).sum(1).sum(1).detach()
     metric = None
     if step.in_r and state.metric != "x":
         metric = {"keys": k, "queries": q, "values": v}[state.metric].mean(1)
@@ -134,31 +152,71 @@ def _residual(layer: nn.Module, h: Tensor, ls: str | None) -> Tensor:
     return h
 
 
-def _check_call(layer: nn.Module, attention_mask: Tensor | None, kwargs: dict[str, Any]) -> None:
-    if getattr(layer, "gradient_checkpointing", False) and layer.training:
-        # a checkpointed layer runs again in backward, when the shared merge state has moved on
-        raise ValueError("gradient checkpointing is not supported with merged tokens: call "
-                         "model.activation_checkpointing_disable() or set model.r = 0")
+def _padding_mask(attention_mask: Tensor | None, x: Tensor, protected: int) -> Tensor | None:
+    """The padding mask ``(B, T)`` bool of the attention mask a layer receives, ``None`` without padding.
+
+    transformers hands the layers a 4-D mask (bool, or additive float with the dtype's minimum at masked pairs)
+    or, with flash attention, the 2-D ``(B, T)`` one. A key that no query may attend is padding; the mask must be
+    exactly that key-padding mask (checked on the host), since merged tokens cannot follow any other, and the
+    ``protected`` prefix tokens must be real.
+    """
+    if attention_mask is None:
+        return None
+    bsz, t = x.shape[0], x.shape[1]
+    mask = attention_mask
+    allowed = mask.bool() if mask.dtype == torch.bool or mask.dim() == 2 else mask > torch.finfo(mask.dtype).min / 2
+    if allowed.dim() == 2:
+        allowed = allowed[:, None, None, :]
+    if allowed.dim() != 4 or allowed.shape[0] != bsz or allowed.shape[-1] != t:
+        raise ValueError(f"unsupported attention_mask of shape {tuple(mask.shape)} with merged tokens: expected "
+                         f"(B, 1, T, T), (B, 1, 1, T) or (B, T) for B={bsz}, T={t}")
+    valid = allowed.any(dim=2).any(dim=1)
+    if not torch.equal(allowed, valid[:, None, None, :].expand_as(allowed)):
+        raise ValueError("an attention_mask that is not a key-padding mask (it masks pairs of tokens, not padding "
+                         "tokens) cannot follow merged tokens: pass a padding mask, or set model.r = 0")
+    if protected and not bool(valid[:, :protected].all()):
+        raise ValueError(f"the attention_mask masks a class or register token (the first {protected} tokens, which "
+                         f"are never merged and always count as real): mask padding tokens only")
+    return None if bool(valid.all()) else valid
+
+
+def _check_call(layer: nn.Module, kwargs: dict[str, Any]) -> None:
     config = getattr(getattr(layer, layer._atc_layout.attn), "config", None)
     if kwargs.get("output_attentions", getattr(config, "output_attentions", False)):
         raise ValueError("output_attentions=True is not supported with merged tokens (layers that merge do not "
                          "compute attention maps); set model.r = 0 to record them")
-    if attention_mask is not None:
-        raise ValueError("an attention_mask cannot be combined with merged tokens (the token count changes); "
-                         "pass attention_mask=None or set model.r = 0")
 
 
 def _layer_forward(self: nn.Module, hidden_states: Tensor, attention_mask: Tensor | None = None,
                    **kwargs: Any) -> Tensor:
-    """The patched encoder layer on ``hidden_states (B, T, C)``, returning ``(B, T - r, C)``; the layer's own
-    forward where nothing of the patch applies (:attr:`BlockStep.plain`)."""
+    """The patched encoder layer on ``hidden_states (B, T, C)``, returning ``(B, T - r, C)``; run again from the
+    state it started from when gradient checkpointing recomputes it (:meth:`MergeState.replay`)."""
     state: MergeState = self._atc_state
+    if replaying():
+        with state.replay(self._atc_index) as step:
+            return _layer_step(self, hidden_states, attention_mask, kwargs, step)
     index = self._atc_index
-    plan = state.start(hidden_states) if index == 0 else state.plan
-    step = plan.steps[index]
+    # the mask is read at the first layer, unless nothing merges (r = 0 runs the layers' own forwards, untouched)
+    valid = None
+    if index == 0 and not state.merges_nothing():
+        valid = _padding_mask(attention_mask, hidden_states, state.protected)
+    step = state.enter(index, hidden_states, valid)
+    return _layer_step(self, hidden_states, attention_mask, kwargs, step)
+
+
+def _layer_step(self: nn.Module, hidden_states: Tensor, attention_mask: Tensor | None, kwargs: dict[str, Any],
+                step: BlockStep) -> Tensor:
+    """Reduce the input (K-Medoids, DPC-KNN) or merge after the attention residual (ATC, ToMe), with proportional
+    attention and the padding mask of the merge state; the layer's own forward where none of it applies
+    (:attr:`BlockStep.plain`)."""
+    state: MergeState = self._atc_state
     if step.plain:
+        if attention_mask is not None and attention_mask.shape[-1] != hidden_states.shape[1]:
+            # made for the tokens before a merge; checked at the first layer to mask nothing (a padded batch's
+            # layers after a merge are never plain)
+            attention_mask = None
         return self._atc_base.forward(self, hidden_states, attention_mask, **kwargs)
-    _check_call(self, attention_mask, kwargs)
+    _check_call(self, kwargs)
     layout: _Layout = self._atc_layout
     x = hidden_states
     if step.pre_r:
@@ -174,15 +232,20 @@ def _layer_forward(self: nn.Module, hidden_states: Tensor, attention_mask: Tenso
     return x + _residual(self, h, layout.ls2)
 
 
-def _siglip_head_forward(self: nn.Module, hidden_state: Tensor) -> Tensor:
-    """SigLIP's attention-pooling head with ``log(size)`` added to the probe's logits over merged tokens."""
-    size = self._atc_state.size
+def _siglip_head_forward(self: nn.Module, hidden_state: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+    """SigLIP's and SigLIP 2's attention-pooling head with ``log(size)`` added to the probe's logits over merged
+    tokens (padding, of size 0, masked; SigLIP 2's own mask, of the unmerged length, is then not used)."""
+    state: MergeState = self._atc_state
+    size = state.size
     if size is None or size.shape[1] != hidden_state.shape[1]:
-        return self._atc_base.forward(self, hidden_state)
+        return self._atc_base.forward(self, hidden_state, *args, **kwargs)
     b = hidden_state.shape[0]
     probe = self.probe.repeat(b, 1, 1)
     # nn.MultiheadAttention's float mask is added to the logits; (B * heads, 1, T), batch-major
-    bias = size.to(hidden_state.dtype).log()[:, None, :, 0].repeat_interleave(self.attention.num_heads, dim=0)
+    bias = size.to(hidden_state.dtype).log()[:, None, :, 0]
+    if state.valid is not None:
+        bias = bias.masked_fill(~state.valid[:, None, :], torch.finfo(bias.dtype).min)
+    bias = bias.repeat_interleave(self.attention.num_heads, dim=0)
     hidden_state = self.attention(probe, hidden_state, hidden_state, attn_mask=bias, need_weights=False)[0]
     residual = hidden_state
     hidden_state = self.layernorm(hidden_state)
@@ -259,7 +322,7 @@ def apply_patch(
     patch_blocks(layers, state, lambda blk: _LAYER_MEMBERS[type(blk).__name__], score_dim=config.hidden_size)
     head = getattr(tower, "head", None) if getattr(tower, "use_head", False) else None
     if head is not None:
-        if type(head).__name__ != "SiglipMultiheadAttentionPoolingHead":
+        if type(head).__name__ not in ("SiglipMultiheadAttentionPoolingHead", "Siglip2MultiheadAttentionPoolingHead"):
             raise ValueError(f"unsupported pooling head {type(head).__name__}")
         head._atc_state = state
         swap_class(head, _HEAD_MEMBERS)
