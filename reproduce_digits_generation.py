@@ -37,6 +37,7 @@ import torch
 from tqdm import tqdm
 
 import atc.patch
+from atc.checkpoint import read_checkpoint
 from atc.cli import ConfigError, run_cli
 from atc.cluster import LINKAGES
 from atc.patch.diffusion import METHODS as PATCH_METHODS
@@ -305,7 +306,7 @@ def run_seed(args: argparse.Namespace, seed: int, settings: list[Setting], rows:
     unmerged_path = samples_dir / f"{Setting('none').file_stem}.pt"
     unmerged = None
     if unmerged_path.is_file():
-        unmerged = torch.load(unmerged_path)
+        unmerged = read_checkpoint(unmerged_path, "unmerged samples")
         if unmerged.shape != noise.shape:
             unmerged = None  # another --per_class or --resolution: sample again
 
@@ -434,7 +435,7 @@ def sample_grid(out: Path, seed: int, settings: list[Setting], path: Path) -> No
         return
     fig, axes = plt.subplots(len(found), 1, figsize=(6, 0.75 * len(found) + 0.3), squeeze=False)
     for ax, (s, p) in zip(axes[:, 0], found):
-        images = dd.to_unit(torch.load(p)[:dd.NUM_CLASSES])[:, 0]  # classes 0..9
+        images = dd.to_unit(read_checkpoint(p, "samples")[:dd.NUM_CLASSES])[:, 0]  # classes 0..9
         ax.imshow(torch.cat(list(images), dim=1).numpy(), cmap="gray_r", vmin=0, vmax=1, interpolation="nearest")
         ax.set_xticks([])
         ax.set_yticks([])
