@@ -87,10 +87,23 @@ class Setting:
 
 
 def parse_options(text: str) -> dict[str, Any]:
-    """``"reuse_steps=2,plan=group"`` -> ``{"reuse_steps": 2, "plan": "group"}`` (values parsed as JSON if they can
-    be: numbers, true/false)."""
+    """``"reuse_steps=2,plan=group,tile=[4,4]"`` -> ``{"reuse_steps": 2, "plan": "group", "tile": [4, 4]}``
+    (values parsed as JSON if they can be: numbers, true/false, lists; commas inside brackets or quotes belong to
+    the value)."""
     out: dict[str, Any] = {}
-    for item in filter(None, (s.strip() for s in text.split(","))):
+    items, depth, quoted, start = [], 0, False, 0
+    for i, ch in enumerate(text):
+        if ch == '"':
+            quoted = not quoted
+        elif not quoted and ch in "[{":
+            depth += 1
+        elif not quoted and ch in "]}":
+            depth -= 1
+        elif ch == "," and depth == 0 and not quoted:
+            items.append(text[start:i])
+            start = i + 1
+    items.append(text[start:])
+    for item in filter(None, (s.strip() for s in items)):
         if "=" not in item:
             raise ConfigError(f"--patch_options expects key=value pairs separated by commas, got {item!r}")
         key, value = (s.strip() for s in item.split("=", 1))

@@ -9,8 +9,8 @@ reports per setting:
 the time per step (median over ``--runs`` rounds of the trajectory's mean), its ratio to the unpatched step in
 the same run, the merges (clusterings or matchings) computed per step, and a quality proxy that needs no real
 weights: the relative error of the output against the unpatched output on the same input, ``||e - e0|| / ||e0||``,
-averaged over the trajectory. ``--plan``, ``--reuse_steps`` and ``--tile`` take several values, one setting each. Settings are interleaved round by round, so a change in machine load hits all
-of them alike. Writes a CSV and a plot (time ratio against relative error) to ``--output_dir``.
+averaged over the trajectory. ``--plan``, ``--reuse_steps`` and ``--tile`` take several values, one setting each.
+Settings are interleaved round by round, so a change in machine load hits all of them alike. Writes a CSV and a plot (time ratio against relative error) to ``--output_dir``.
 
     python SD_setup/benchmark_diffusion.py --config sd15 --latent_size 64 --methods none tome atc --ratios 0.5
     python SD_setup/benchmark_diffusion.py --config pixart-512 --depth 4 --methods none tome atc   # 1024 tokens
@@ -242,9 +242,10 @@ def main(argv: list[str] | None = None) -> Path:
         r["speedup_vs_none"] = base / r["step_time_median_s"] if base else None
     print(f"{args.config}: {params / 1e6:.0f}M parameters, {grid[0] * grid[1]} image tokens, batch {batch}, "
           f"{DTYPES[args.dtype]} on {args.device}")
+    width = max(len(r["setting"]) for r in rows)
     for r in rows:
         ratio = f"{r['time_vs_none']:.2f}x of none" if base else ""
-        print(f"{r['setting']:34s} {r['step_time_median_s']:.3f} s/step {ratio:>16s}  rel. error "
+        print(f"{r['setting']:{width}s} {r['step_time_median_s']:.3f} s/step {ratio:>16s}  rel. error "
               f"{r['rel_error']:.4f}  merges/step {r['plans_per_step']:.1f}")
     stem = f"step_time_{Path(str(args.config)).name}_{latent_h}x{latent_w}" + (f"_d{args.depth}" if args.depth else "")
     out = write_csv(rows, Path(args.output_dir) / f"{stem}.csv")

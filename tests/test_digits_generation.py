@@ -269,3 +269,11 @@ def test_sampling_is_a_function_of_noise_and_class(one_thread):
     assert whole.shape == (6, 1, 8, 8) and torch.isfinite(whole).all()
     guided = dd.sample_images(model, noise, classes, tcfg, steps=3, guidance_scale=3.0)
     assert not torch.allclose(guided, whole)
+
+
+def test_patch_options_parse_json_values_with_commas_inside():
+    parse = _load().parse_options
+    assert parse("") == {}
+    assert parse('plan="group", reuse_steps=5') == {"plan": "group", "reuse_steps": 5}
+    assert parse("tile=[4,4],merge_mlp=true,plan=group") == {"tile": [4, 4], "merge_mlp": True, "plan": "group"}
+    assert parse('a="x,y",b={"c": [1, 2]}') == {"a": "x,y", "b": {"c": [1, 2]}}
