@@ -2,7 +2,7 @@
 # Set up (if needed) and run the main job: a miniature of the paper's classification table on the built-in digits
 # data (per seed, 3 by default: train a small ViT, then no reduction / ToMe / ATC single|complete|average at
 # several keep rates, off the shelf and after a short fine-tune, with token counts and GFLOPs). Writes
-# results/digits_table/results.{csv,md,png}; about 10 minutes on 2 idle CPU cores; rerunning resumes.
+# results/digits_table/results.{csv,md,png}; about 13 minutes on 2 idle CPU cores; rerunning resumes.
 # Usage: bash scripts/main.sh [extra flags of reproduce_digits_table.py, e.g. --seeds 0 1 2 3 4]
 set -euo pipefail
 cd "$(dirname "$0")/.."
