@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
@@ -193,23 +192,6 @@ def test_sdxl_layout(method):
     rec.close()
     atc.patch.remove(unet)
     assert torch.equal(run(unet, inputs), expected)
-
-
-def test_pipeline_patch_and_remove_dispatch():
-    pipe = tiny.build_tiny_pipeline()
-    kwargs = dict(prompt="A high quality photograph of a tench.", num_inference_steps=2, output_type="np")
-    expected = pipe(generator=torch.Generator().manual_seed(0), **kwargs).images
-    atc.patch.diffusers(pipe, method="tome", ratio=0.5)
-    assert pipe.unet._atc_patch_module == "diffusion"
-    reseed(pipe, 0)
-    merged = pipe(generator=torch.Generator().manual_seed(0), **kwargs).images
-    reseed(pipe, 0)
-    again = pipe(generator=torch.Generator().manual_seed(0), **kwargs).images
-    assert np.array_equal(merged, again), "reseeding makes ToMe-SD's random destinations reproducible"
-    assert not np.array_equal(merged, expected)
-    atc.patch.remove(pipe)
-    assert not hasattr(pipe.unet, "_atc_patch_module")
-    assert np.array_equal(pipe(generator=torch.Generator().manual_seed(0), **kwargs).images, expected)
 
 
 def test_random_destinations_change_with_seed():

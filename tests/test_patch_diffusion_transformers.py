@@ -9,7 +9,7 @@ import torch
 pytest.importorskip("diffusers")
 
 import atc.patch  # noqa: E402
-from atc.patch.diffusion import merge_info, reseed  # noqa: E402
+from atc.patch.diffusion import find_denoiser, merge_info, reseed  # noqa: E402
 from atc.sd.denoisers import build_denoiser, random_inputs  # noqa: E402
 from atc.sd.tiny_pipeline import build_tiny_pipeline  # noqa: E402
 
@@ -203,25 +203,28 @@ def test_bad_options_are_clear_errors():
         _run(model, inputs)
 
 
-@pytest.mark.parametrize("kind", ["pixart", "sd3", "flux"])
+@pytest.mark.parametrize("kind", ["sd15", "pixart", "sd3", "flux"])
 def test_pipelines_patch_remove_and_reseed(kind):
+    """A pipeline (UNet or transformer denoiser) is patched through the pipeline, reseeding makes ToMe-SD's random
+    destinations reproducible, and remove gives the unpatched images back."""
     pipe = build_tiny_pipeline(kind)
     pipe.set_progress_bar_config(disable=True)
-    size = {} if kind == "pixart" else dict(height=32, width=32)
+    denoiser = find_denoiser(pipe)
+    size = {} if kind in ("sd15", "pixart") else dict(height=32, width=32)
     kwargs = dict(prompt="A high quality photograph of a tench.", num_inference_steps=2, output_type="np", **size)
     if kind == "pixart":
         kwargs["clean_caption"] = False
     expected = pipe(generator=torch.Generator().manual_seed(0), **kwargs).images
     atc.patch.diffusers(pipe, method="tome", ratio=0.5)
-    assert pipe.transformer._atc_patch_module == "diffusion"
+    assert denoiser._atc_patch_module == "diffusion"
     reseed(pipe, 0)
     merged = pipe(generator=torch.Generator().manual_seed(0), **kwargs).images
     reseed(pipe, 0)
     again = pipe(generator=torch.Generator().manual_seed(0), **kwargs).images
-    assert (merged == again).all()
+    assert (merged == again).all(), "reseeding makes ToMe-SD's random destinations reproducible"
     assert not (merged == expected).all()
     atc.patch.remove(pipe)
-    assert not hasattr(pipe.transformer, "_atc_patch_module")
+    assert not hasattr(denoiser, "_atc_patch_module")
     assert (pipe(generator=torch.Generator().manual_seed(0), **kwargs).images == expected).all()
 
 
