@@ -40,6 +40,7 @@ is never NaN either (its weights may be 0: its value is then 0). Without ``valid
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -354,6 +355,33 @@ def split_removals(sizes: Sequence[int], r: int) -> list[int]:
     return out
 
 
+@functools.lru_cache(maxsize=64)
+def _tile_groups(h: int, w: int, tile_h: int, tile_w: int, r: int,
+                 device: torch.device) -> tuple[tuple[int, int, Tensor, Tensor], ...]:
+    """The layout :func:`tiled_atc_merge` clusters by, per group of tiles with equal size and removals: ``(size,
+    removals, token indices (G*size,), first output slot of each tile (G,))``, the index tensors on ``device``.
+    The same for every block and step on one grid, so it is built (and copied to the device) once."""
+    n = h * w
+    tiles = grid_tiles(h, w, tile_h, tile_w)
+    if r > n - len(tiles):
+        raise ValueError(f"tiled ATC keeps one token per tile, so it can remove at most {n - len(tiles)} of {n} "
+                         f"tokens with {len(tiles)} tiles of {tile_h}x{tile_w}; got r={r} (use larger tiles)")
+    removals = split_removals([len(t) for t in tiles], r)
+    base, offset = [], 0
+    for t, rt in zip(tiles, removals):
+        base.append(offset)
+        offset += len(t) - rt
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, (t, rt) in enumerate(zip(tiles, removals)):
+        groups.setdefault((len(t), rt), []).append(i)
+    with torch.inference_mode(False):  # cached tensors must also serve calls outside inference mode
+        return tuple(
+            (size, rt, torch.tensor([j for i in members for j in tiles[i]], dtype=torch.long, device=device),
+             torch.tensor([base[i] for i in members], dtype=torch.long, device=device))
+            for (size, rt), members in groups.items()
+        )
+
+
 def tiled_atc_merge(
     metric: Tensor, r: int, grid: tuple[int, int], tile: tuple[int, int], *, linkage: str = "average",
     backend: str = "auto",
@@ -372,26 +400,15 @@ def tiled_atc_merge(
     r = _check_r(r, n, 0, max(n - 1, 0), "ATC")
     if r == 0:
         return identity_merge(bsz, n, metric.device)
-    tiles = grid_tiles(h, w, *tile)
-    if r > n - len(tiles):
-        raise ValueError(f"tiled ATC keeps one token per tile, so it can remove at most {n - len(tiles)} of {n} "
-                         f"tokens with {len(tiles)} tiles of {tile[0]}x{tile[1]}; got r={r} (use larger tiles)")
-    removals = split_removals([len(t) for t in tiles], r)
-    base, offset = [], 0
-    for t, rt in zip(tiles, removals):
-        base.append(offset)
-        offset += len(t) - rt
     labels = torch.empty(bsz, n, dtype=torch.long, device=metric.device)
-    groups: dict[tuple[int, int], list[int]] = {}
-    for i, (t, rt) in enumerate(zip(tiles, removals)):
-        groups.setdefault((len(t), rt), []).append(i)
-    for (size, rt), members in groups.items():
-        idx = torch.tensor([tiles[i] for i in members], dtype=torch.long, device=metric.device)  # (G, size)
-        parts = metric[:, idx.reshape(-1)].reshape(bsz * len(members), size, c)
+    # torch.compile traces the uncached function (its tensors become graph constants) without warning about the cache
+    layout = _tile_groups.__wrapped__ if torch.compiler.is_compiling() else _tile_groups
+    for size, rt, idx, offsets in layout(h, w, tile[0], tile[1], r, metric.device):
+        members = offsets.shape[0]
+        parts = metric[:, idx].reshape(bsz * members, size, c)
         local = agglomerative_clustering(parts, size - rt, linkage, backend) if rt else \
-            torch.arange(size, device=metric.device).expand(bsz * len(members), size)
-        offsets = torch.tensor([base[i] for i in members], dtype=torch.long, device=metric.device)
-        labels[:, idx.reshape(-1)] = (local.reshape(bsz, len(members), size) + offsets[:, None]).reshape(bsz, -1)
+            torch.arange(size, device=metric.device).expand(bsz * members, size)
+        labels[:, idx] = (local.reshape(bsz, members, size) + offsets[:, None]).reshape(bsz, -1)
     return Merge(_relabel_by_first_token(labels, n - r), n - r)
 
 
